@@ -1,0 +1,91 @@
+"""Stage ``features``: preference files -> one truncated model pass -> the activation cache.
+
+The cache key covers everything that changes what the pass writes, so a second run with a complete
+cache skips the model entirely, and a stopped run resumes at its first unfinished chunk.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from sparserm.config import Config
+from sparserm.data import is_eval, load_pairs, write_rejects
+from sparserm.features.cache import ActivationCache
+from sparserm.manifest import input_checksum, stable_hash, write_json
+
+
+@dataclass
+class PreparedData:
+    rows: list[dict]  # valid pairs with a "split" field (train | eval)
+    rejects: list[dict]
+    summary: dict  # per source: n_read, n_pairs, n_rejected, reasons
+    checksums: dict[str, str]
+
+
+def prepare_data(cfg: Config) -> PreparedData:
+    rows, rejects, summary, checksums = [], [], {}, {}
+    for src in cfg.data.sources:
+        result = load_pairs(src.path, src.format, max_pairs=src.max_pairs, split=src.split)
+        for row in result.rows:
+            row["split"] = "eval" if is_eval(row["prompt"], cfg.data.eval_fraction, cfg.data.split_salt) else "train"
+        rows.extend(result.rows)
+        rejects.extend(result.rejects)
+        checksums[src.path] = input_checksum(src.path)
+        summary[src.path] = {"n_read": result.n_read, "n_pairs": len(result.rows), "n_rejected": len(result.rejects),
+                             "reasons": result.reason_counts(),
+                             "n_train": sum(r["split"] == "train" for r in result.rows),
+                             "n_eval": sum(r["split"] == "eval" for r in result.rows)}
+    return PreparedData(rows, rejects, summary, checksums)
+
+
+def cache_key(cfg: Config, checksums: dict[str, str]) -> str:
+    m, f, d = cfg.model, cfg.features, cfg.data
+    return stable_hash({
+        "model": [m.name, m.gguf_file, m.revision, m.dtype, list(m.layers), m.pooling, m.max_tokens, m.chat_template],
+        "data": [[s.path, s.format, s.max_pairs, s.split, checksums[s.path]] for s in d.sources],
+        "split": [d.eval_fraction, d.split_salt],
+        "sample": [f.token_sample_rate, cfg.run.seed],
+    })
+
+
+def cache_root(cfg: Config, checksums: dict[str, str]) -> Path:
+    return Path(cfg.run.cache_dir).expanduser() / "activations" / cache_key(cfg, checksums)
+
+
+def run_features(cfg: Config, out_dir: Path, data: PreparedData | None = None) -> ActivationCache:
+    """Make sure the activation cache for ``cfg`` is complete; write rejects and a data summary in out_dir."""
+    import ray
+
+    data = data or prepare_data(cfg)
+    write_rejects(data.rejects, out_dir / "rejects.jsonl")
+    write_json(out_dir / "data_summary.json", data.summary)
+    cache = ActivationCache(cache_root(cfg, data.checksums))
+    if cache.is_complete:
+        print(f"[features] cache complete, model pass skipped: {cache.root}", flush=True)
+        return cache
+    if not ray.is_initialized():
+        ray.init(address=cfg.run.ray_address, include_dashboard=False, log_to_driver=False)
+    from sparserm.features.extract import extract_to_parquet
+
+    chunks = [data.rows[i: i + cfg.features.chunk_pairs] for i in range(0, len(data.rows), cfg.features.chunk_pairs)]
+    t0 = time.time()
+    todo = [i for i in range(len(chunks)) if not cache.chunk_done(i)]
+    if len(todo) < len(chunks):
+        print(f"[features] resuming: {len(chunks) - len(todo)} of {len(chunks)} chunks already cached", flush=True)
+    for i in tqdm(todo, desc="features: model pass (chunks)", unit="chunk"):
+        extract_to_parquet(chunks[i], str(cache.chunk_dir(i)), cfg.model, cfg.features, cfg.run.cache_dir,
+                           cfg.run.seed)
+        cache.mark_chunk_done(i, len(chunks[i]))
+    pooled = cache.read_pooled(cfg.model.layer)
+    cache.mark_complete({
+        "key": cache.root.name, "n_pairs": len(data.rows), "n_texts": len(pooled.meta["row_id"]),
+        "d_model": int(pooled.states.shape[1]), "n_tokens": int(pooled.meta["n_tokens"].sum()), "n_computed": int(pooled.meta["n_computed"].sum()),
+        "seconds": round(time.time() - t0, 1), "layers": list(cfg.model.layers), "pooling": cfg.model.pooling,
+        "inputs": data.checksums,
+    })
+    print(f"[features] {cache.summary['n_texts']} texts, {cache.summary['n_computed']} tokens computed "
+          f"in {cache.summary['seconds']} s -> {cache.root}", flush=True)
+    return cache

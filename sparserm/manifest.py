@@ -1,0 +1,92 @@
+"""Run folders, manifests and content hashes.
+
+Every stage writes ``manifest.json`` beside its outputs: the resolved config, package versions, seed,
+git commit and input checksums. Caches are keyed by a hash of what produced them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from sparserm.config import Config, to_dict
+
+PACKAGES = ("sparserm", "torch", "ray", "transformers", "sae-lens", "peft", "datasets", "deepspeed",
+            "safetensors", "gguf", "vllm", "trl")
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    out["python"] = platform.python_version()
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        res = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return res.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def input_checksum(path: str) -> str:
+    """sha256 of a local file; for a hub id, the id itself (its revision is the hub's business)."""
+    p = Path(path).expanduser()
+    return file_sha256(p) if p.is_file() else f"id:{path}"
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def make_run_dir(cfg: Config, stage: str, output_dir: str | Path | None = None) -> Path:
+    out = Path(output_dir or cfg.run.output_dir or Path("runs") / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_manifest(out_dir: Path, cfg: Config, stage: str, inputs: dict[str, str] | None = None,
+                   extra: dict | None = None) -> Path:
+    manifest = {
+        "stage": stage,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": to_dict(cfg),
+        "seed": cfg.run.seed,
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+        "argv": sys.argv,
+        "inputs": inputs or {},
+        **(extra or {}),
+    }
+    path = out_dir / "manifest.json"
+    path.write_text(json.dumps(manifest, indent=2, default=str))
+    return path
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,85 @@
+"""From (prompt, responses) to token ids: chat templates, one shared prompt, left truncation.
+
+A prompt and its responses are tokenized as one *group*: the prompt once (through the tokenizer's chat
+template when it has one), each response separately, appended. Truncation is from the left and per
+group: prompt tokens are dropped first (the response end is what the reward reads), so every text of a
+group keeps the same prompt window and can share its KV cache; only a response longer than the whole
+budget loses its own beginning. A lone text is a group of one, so scoring it alone gives exactly the
+features it had in training unless its pair partner forced a shorter prompt window.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def to_messages(prompt: str) -> list[dict]:
+    """HH-RLHF style dialogues ("\\n\\nHuman: ... \\n\\nAssistant:") become chat turns; anything else
+    is a single user message."""
+    text = "\n\n" + prompt.lstrip("\n")
+    if not _TURN.search(text):
+        return [{"role": "user", "content": prompt}]
+    parts = _TURN.split(text)
+    messages = []
+    for role, content in zip(parts[1::2], parts[2::2]):
+        content = content.strip()
+        if not content and role == "Assistant":
+            continue  # the trailing "Assistant:" that opens the response
+        messages.append({"role": "user" if role == "Human" else "assistant", "content": content})
+    return messages or [{"role": "user", "content": prompt}]
+
+
+@dataclass
+class TokenGroup:
+    """Token ids of one prompt and its responses after truncation."""
+
+    prefix: list[int]  # shared prompt tokens
+    suffixes: list[list[int]]  # response tokens, one list per response
+
+    def sequence(self, i: int) -> list[int]:
+        return self.prefix + self.suffixes[i]
+
+    @property
+    def n_tokens_total(self) -> int:
+        """Tokens of every text counted separately (the work an unshared pass does)."""
+        return sum(len(self.prefix) + len(s) for s in self.suffixes)
+
+    @property
+    def n_tokens_shared(self) -> int:
+        """Tokens a prefix-sharing pass computes."""
+        return len(self.prefix) + sum(len(s) for s in self.suffixes)
+
+
+def prompt_text(tokenizer, prompt: str, use_chat_template: bool) -> str:
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(to_messages(prompt), add_generation_prompt=True, tokenize=False)
+    return prompt
+
+
+def encode_group(tokenizer, prompt: str, responses: list[str], max_tokens: int,
+                 use_chat_template: bool = True) -> TokenGroup:
+    templated = use_chat_template and bool(getattr(tokenizer, "chat_template", None))
+    ptext = prompt_text(tokenizer, prompt, use_chat_template)
+    # A chat template writes its own special tokens; a raw prompt gets the tokenizer's (e.g. BOS).
+    prefix = tokenizer(ptext, add_special_tokens=not templated)["input_ids"] if ptext else []
+    sep = "" if templated or not ptext or ptext[-1].isspace() else " "
+    suffixes = [tokenizer(sep + r, add_special_tokens=False)["input_ids"] for r in responses]
+    return truncate_group(prefix, suffixes, max_tokens, keep_first=_bos(tokenizer, prefix))
+
+
+def _bos(tokenizer, prefix: list[int]) -> int:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return 1 if bos is not None and prefix[:1] == [bos] else 0
+
+
+def truncate_group(prefix: list[int], suffixes: list[list[int]], max_tokens: int, keep_first: int = 0) -> TokenGroup:
+    longest = max((len(s) for s in suffixes), default=0)
+    over = len(prefix) + longest - max_tokens
+    if over > 0:
+        head, body = prefix[:keep_first], prefix[keep_first:]
+        prefix = head + body[min(over, len(body)):]
+    room = max_tokens - len(prefix)  # >= max_tokens - keep_first > 0
+    suffixes = [s[-room:] if len(s) > room else s for s in suffixes]
+    return TokenGroup(prefix=list(prefix), suffixes=[list(s) for s in suffixes])

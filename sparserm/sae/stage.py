@@ -1,0 +1,97 @@
+"""Stage ``sae``: the configured SAE, ready for the reward model, with its quality measured.
+
+``source=train`` (the embedded default, or any model without a published SAE) fits sae-lens' TopK SAE on
+the token residuals the features pass sampled from train-split texts; tokens with massive activations
+(norm > factor x median; in SmolLM2 the newline token) are left out of the fit. Quality is measured on
+tokens of held-out (eval-split) texts: ``fvu`` without the massive tokens (headline), ``fvu_all`` with them.
+The trained SAE is cached by the activation cache's key and the training settings.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from sparserm.config import Config
+from sparserm.features.cache import ActivationCache
+from sparserm.manifest import stable_hash, write_json, write_manifest
+from sparserm.model.backbone import resolve_device
+from sparserm.sae import SparseAutoencoder, evaluate_sae, load_sae, massive_token_mask, train_sae
+
+EVAL_TOKENS = 30_000  # held-out tokens evaluated (enough for a stable fvu, seconds of compute)
+
+
+def trained_sae_dir(cfg: Config, cache: ActivationCache, layer: int) -> Path:
+    key = stable_hash({"activations": cache.root.name, "layer": layer, "sae": asdict(cfg.sae),
+                       "outliers": cfg.features.outlier_norm_factor, "limit": cfg.features.max_sample_tokens})
+    return Path(cfg.run.cache_dir).expanduser() / "saes" / key
+
+
+def eval_tokens(cache: ActivationCache, layer: int, d_model: int, seed: int) -> torch.Tensor:
+    acts, _ = cache.read_tokens(layer, d_model, limit=EVAL_TOKENS, split="eval", seed=seed)
+    return acts
+
+
+def obtain_sae(cfg: Config, cache: ActivationCache, layer: int, d_model: int) -> tuple[SparseAutoencoder, Path | None]:
+    """Load (registry/local) or train-and-cache (train) the SAE for ``layer``; (sae, folder or None)."""
+    device = resolve_device(cfg.model.device)
+    if cfg.sae.source != "train":
+        return load_sae(cfg.sae, device=device), (Path(cfg.sae.path) if cfg.sae.path else None)
+    folder = trained_sae_dir(cfg, cache, layer)
+    if (folder / "sparserm_sae.json").is_file() and json.loads((folder / "sparserm_sae.json").read_text()).get("complete"):
+        print(f"[sae] trained SAE found in cache: {folder}", flush=True)
+        return load_sae(cfg.sae, device=device, trained_dir=folder), folder
+    acts, _ = cache.read_tokens(layer, d_model, limit=cfg.features.max_sample_tokens, split="train", seed=cfg.run.seed)
+    massive = massive_token_mask(acts, cfg.features.outlier_norm_factor)
+    train = acts[~massive]
+    print(f"[sae] training on {len(train)} tokens of layer {layer} ({int(massive.sum())} massive tokens left out)",
+          flush=True)
+    t0 = time.time()
+    s = cfg.sae
+    sae = train_sae(train, width=s.width, k=s.k, lr=s.lr, batch_size=s.batch_size, training_tokens=s.training_tokens,
+                    normalize=s.normalize, seed=cfg.run.seed, device=str(device), out_dir=folder, layer=layer,
+                    hook_name=f"{cfg.model.name}:layers.{layer}", progress=True)
+    write_json(folder / "training.json", {"n_train_tokens": len(train), "n_massive_excluded": int(massive.sum()),
+                                          "seconds": round(time.time() - t0, 1), "activation_cache": str(cache.root)})
+    return sae, folder
+
+
+def measure(sae: SparseAutoencoder, acts: torch.Tensor, factor: float) -> dict:
+    metrics = evaluate_sae(sae, acts, massive_token_mask(acts, factor))
+    return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in metrics.items()}
+
+
+def run_sae_stage(cfg: Config, out_dir: Path) -> tuple[Path, dict]:
+    from sparserm.features.stage import run_features
+
+    cache = run_features(cfg, out_dir)
+    layer, d_model = cfg.model.layer, cache.summary["d_model"]
+    sae, folder = obtain_sae(cfg, cache, layer, d_model)
+    metrics = measure(sae, eval_tokens(cache, layer, d_model, cfg.run.seed), cfg.features.outlier_norm_factor)
+    if folder is not None:
+        training = folder / "training.json"
+        if training.is_file():
+            metrics["training_seconds"] = json.loads(training.read_text())["seconds"]
+            metrics["n_train_tokens"] = json.loads(training.read_text())["n_train_tokens"]
+        write_json(folder / "eval.json", metrics)
+        write_json(folder / "evaluation_source.json", {"activation_cache": str(cache.root), "layer": layer,
+                                                        "outlier_norm_factor": cfg.features.outlier_norm_factor,
+                                                        "seed": cfg.run.seed})
+    write_json(out_dir / "sae_eval.json", metrics)
+    write_manifest(out_dir, cfg, "sae", extra={"activation_cache": str(cache.root), "sae_dir": str(folder)})
+    return (folder or out_dir), metrics
+
+
+def evaluate_sae_dir(sae_dir: Path) -> dict:
+    """Re-measure a trained SAE folder on the held-out tokens of the activation cache it was trained from."""
+    src = sae_dir / "evaluation_source.json"
+    if not src.is_file():
+        raise FileNotFoundError(f"{sae_dir} has no evaluation_source.json: not an SAE trained by sparserm")
+    info = json.loads(src.read_text())
+    sae = SparseAutoencoder.load(sae_dir)
+    cache = ActivationCache(info["activation_cache"])
+    acts = eval_tokens(cache, info["layer"], sae.d_in, info["seed"])
+    return measure(sae, acts, info["outlier_norm_factor"])
