@@ -15,7 +15,7 @@ import torch
 
 from sparserm.manifest import write_json
 
-META_COLUMNS = ("row_id", "source", "split", "side", "text", "n_tokens", "n_computed")
+META_COLUMNS = ("row_id", "prompt_id", "source", "split", "side", "text", "n_tokens", "n_computed")
 
 
 @dataclass
@@ -28,14 +28,17 @@ class PooledTable:
     def select(self, mask: np.ndarray) -> "PooledTable":
         return PooledTable({k: v[mask] for k, v in self.meta.items()}, self.states[torch.as_tensor(mask)])
 
-    def pairs(self) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
-        """(row_ids, chosen states, rejected states), matched by row id."""
+    def pair_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """(index of each pair's chosen text, index of its rejected text), pairs in row-id order."""
         chosen = {r: i for i, (r, s) in enumerate(zip(self.meta["row_id"], self.meta["side"])) if s == "chosen"}
         rejected = {r: i for i, (r, s) in enumerate(zip(self.meta["row_id"], self.meta["side"])) if s == "rejected"}
-        ids = np.array(sorted(set(chosen) & set(rejected)))
-        iw = torch.as_tensor([chosen[r] for r in ids], dtype=torch.long)
-        il = torch.as_tensor([rejected[r] for r in ids], dtype=torch.long)
-        return ids, self.states[iw], self.states[il]
+        ids = sorted(set(chosen) & set(rejected))
+        return np.array([chosen[r] for r in ids], dtype=np.int64), np.array([rejected[r] for r in ids], dtype=np.int64)
+
+    def pairs(self) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+        """(row_ids, chosen states, rejected states), matched by row id."""
+        iw, il = self.pair_index()
+        return self.meta["row_id"][iw], self.states[torch.as_tensor(iw)], self.states[torch.as_tensor(il)]
 
 
 class ActivationCache:

@@ -49,8 +49,8 @@ class ResidualExtractor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from sparserm.model.text import encode_group
 
-        out: dict[str, list] = {k: [] for k in ("row_id", "source", "split", "side", "text", "n_tokens",
-                                                "n_computed", "token_ids")}
+        out: dict[str, list] = {k: [] for k in ("row_id", "prompt_id", "source", "split", "side", "text",
+                                                "n_tokens", "n_computed", "token_ids")}
         layers = self.backbone.layers
         for layer in layers:
             out[f"pooled_{layer}"] = []
@@ -68,6 +68,7 @@ class ResidualExtractor:
                 positions = np.arange(start, len(text.token_ids))
                 keep = positions[rng.random(len(positions)) < self.cfg.token_sample_rate]
                 out["row_id"].append(row_id)
+                out["prompt_id"].append(hashlib.sha256(str(batch["prompt"][i]).encode()).hexdigest()[:16])
                 out["source"].append(str(batch["source"][i]))
                 out["split"].append(str(batch["split"][i]))
                 out["side"].append(side)

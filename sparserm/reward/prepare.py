@@ -1,0 +1,87 @@
+"""Everything the reward head is fitted on, from the cached features: SAE, frequencies, directions and the
+train / validation / eval pairs. Shared by ``rm train`` and ``rm ablate`` so both see the same split.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sparserm.config import Config
+from sparserm.features.cache import ActivationCache, PooledTable
+from sparserm.features.stage import run_features
+from sparserm.features.stats import LatentFrequencies, latent_frequencies
+from sparserm.reward.directions import directions, select_latents
+from sparserm.sae import SparseAutoencoder
+from sparserm.sae.stage import eval_tokens, measure, obtain_sae
+
+
+@dataclass
+class PairSet:
+    """Pooled states of matched pairs, with their metadata."""
+
+    h_w: torch.Tensor  # [N, d]
+    h_l: torch.Tensor  # [N, d]
+    row_id: np.ndarray
+    source: np.ndarray
+    len_w: np.ndarray  # tokens of the response-bearing texts (for the length baseline)
+    len_l: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.row_id)
+
+    def take(self, mask: np.ndarray) -> "PairSet":
+        m = torch.as_tensor(mask)
+        return PairSet(self.h_w[m], self.h_l[m], self.row_id[mask], self.source[mask], self.len_w[mask],
+                       self.len_l[mask])
+
+
+@dataclass
+class RewardData:
+    cache: ActivationCache
+    layer: int
+    sae: SparseAutoencoder
+    sae_dir: Path | None
+    sae_metrics: dict
+    freqs: LatentFrequencies
+    pos_ids: torch.Tensor
+    neg_ids: torch.Tensor
+    dirs: torch.Tensor  # [2K, d]
+    train: PairSet
+    val: PairSet  # a prompt-hashed share of the training split, for choosing the best epoch
+    eval: PairSet  # the held-out split
+
+
+def pair_sets(table: PooledTable, val_fraction: float, salt: str) -> tuple[PairSet, PairSet, PairSet]:
+    iw, il = table.pair_index()
+    meta = table.meta
+    pairs = PairSet(table.states[torch.as_tensor(iw)], table.states[torch.as_tensor(il)], meta["row_id"][iw],
+                    meta["source"][iw], meta["n_tokens"][iw], meta["n_tokens"][il])
+    split = meta["split"][iw]
+    val = np.array([_unit_hash(p, salt + ":val") < val_fraction for p in meta["prompt_id"][iw]])
+    return pairs.take((split == "train") & ~val), pairs.take((split == "train") & val), pairs.take(split == "eval")
+
+
+def _unit_hash(text: str, salt: str) -> float:
+    return int.from_bytes(hashlib.sha256(f"{salt}\0{text}".encode()).digest()[:8], "big") / 2 ** 64
+
+
+def prepare_reward_data(cfg: Config, out_dir: Path, cache: ActivationCache | None = None) -> RewardData:
+    import ray
+
+    cache = cache or run_features(cfg, out_dir)
+    layer, d_model = cfg.model.layer, cache.summary["d_model"]
+    sae, sae_dir = obtain_sae(cfg, cache, layer, d_model)
+    sae_metrics = measure(sae, eval_tokens(cache, layer, d_model, cfg.run.seed), cfg.features.outlier_norm_factor)
+    if not ray.is_initialized():
+        ray.init(address=cfg.run.ray_address, include_dashboard=False, log_to_driver=False)
+    freqs = latent_frequencies(cache, layer, asdict(cfg.sae), str(sae_dir) if sae_dir else None, split="train")
+    pos, neg = select_latents(freqs.mu_w, freqs.mu_l, cfg.reward.top_k)
+    dirs = directions(sae.W_dec.detach().cpu().float(), pos, neg)
+    train, val, held_out = pair_sets(cache.read_pooled(layer), cfg.reward.val_fraction, cfg.data.split_salt)
+    if min(len(train), len(val), len(held_out)) == 0:
+        raise ValueError(f"too few pairs to fit and evaluate: train={len(train)} val={len(val)} eval={len(held_out)}")
+    return RewardData(cache, layer, sae, sae_dir, sae_metrics, freqs, pos, neg, dirs, train, val, held_out)

@@ -1,0 +1,29 @@
+"""The command line as a user calls it (in-process: the same main() the console script runs)."""
+import json
+
+from sparserm.cli import main
+
+
+def test_data_check_on_shipped_hh(shared_data, tmp_path, capsys):
+    assert main(["data", "check", str(shared_data / "hh_rlhf_harmless.jsonl.gz"), "--output-dir", str(tmp_path)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["n_pairs"] + summary["n_rejected"] == 1505
+    assert summary["reasons"]["prefix_mismatch"] == 3
+    rejects = [json.loads(line) for line in open(summary["rejects_path"])]
+    assert len(rejects) == summary["n_rejected"]
+
+
+def test_data_check_counts_bad_rows_and_fails_only_on_unreadable_files(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"prompt": "p", "chosen": "a", "rejected": "b"}\n{oops\n'
+                    b'{"prompt": "p", "chosen": 3, "rejected": "b"}\n{"prompt": "\xff\xfe", "chosen": "a", "rejected": "b"}\n')
+    assert main(["data", "check", str(bad), "--output-dir", str(tmp_path / "o")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["n_pairs"], summary["n_rejected"]) == (1, 3)
+    assert main(["data", "check", str(tmp_path / "missing.jsonl")]) == 1
+    assert "missing.jsonl" in json.loads(capsys.readouterr().out)["error"]
+
+
+def test_config_errors_exit_2_naming_the_key(capsys):
+    assert main(["features", "reward.nope=1"]) == 2
+    assert "reward.nope" in capsys.readouterr().err
