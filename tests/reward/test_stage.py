@@ -1,0 +1,95 @@
+"""rm train / ablate / evaluate end to end on the tiny model: real Ray Data pass, real sae-lens SAE,
+real Ray Train head. Checks the artifact, the API and the commands' outputs, not just that they ran."""
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from sparserm.cli import main
+from sparserm.config import load_config
+from sparserm.reward.model import SparseRM
+
+
+def _pairs_file(path, n=60, seed=0):
+    rng = random.Random(seed)
+    good = ["Sure, here is a safe and helpful answer: mix flour and water.", "Paris is the capital of France.",
+            "Please talk to a doctor; I can share general information."]
+    bad = ["I won't help with that.", "No.", "You should wait 24 hours before filing a report."]
+    rows = [{"prompt": f"Question {i}: {rng.choice(['bake bread?', 'capital of France?', 'tell me a joke'])}",
+             "chosen": rng.choice(good), "rejected": rng.choice(bad)} for i in range(n)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def rm_run(tmp_path_factory, tiny_model_dir, ray_session):
+    tmp = tmp_path_factory.mktemp("rm")
+    data = _pairs_file(tmp / "pairs.jsonl")
+    overrides = [f"run.cache_dir={tmp / 'cache'}", f"model.name={tiny_model_dir}", "model.layer=2",
+                 "model.max_tokens=48", f"data.sources=[{{path: {data}}}]", "data.eval_fraction=0.3",
+                 "features.chunk_pairs=100", "sae.width=128", "sae.k=8", "sae.batch_size=256",
+                 "sae.training_tokens=20000", "reward.top_k=8", "reward.hidden=16", "reward.epochs=3",
+                 "reward.val_fraction=0.2"]
+    out = tmp / "run"
+    assert main(["rm", "train", *overrides, "--output-dir", str(out)]) == 0
+    return tmp, out, overrides
+
+
+def test_rm_folder_and_metrics(rm_run):
+    _, out, _ = rm_run
+    meta = json.loads((out / "rm" / "rm.json").read_text())
+    assert meta["top_k"] == 8 and meta["layer"] == 2 and meta["pooling"] == "last"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["eval_accuracy"]["all"] <= 1.0
+    assert len(metrics["history"]) == 3 and 1 <= metrics["best_epoch"] <= 3
+    assert {"fvu", "fvu_all", "l0", "dead_fraction"} <= set(metrics["sae"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["reward"]["top_k"] == 8 and "torch" in manifest["versions"]
+    assert (out / "report.md").is_file() and (out / "embedding.png").stat().st_size > 1000
+    latents = json.loads((out / "latents.json").read_text())
+    assert len(latents) == 16 and {r["favours"] for r in latents} == {"chosen", "rejected"}
+
+
+def test_score_api_matches_cached_features(rm_run):
+    tmp, out, overrides = rm_run
+    from sparserm.features.stage import cache_root, prepare_data
+
+    cfg = load_config(None, overrides)
+    data = prepare_data(cfg)
+    from sparserm.features.cache import ActivationCache
+
+    table = ActivationCache(cache_root(cfg, data.checksums)).read_pooled(2)
+    rm = SparseRM.load(out / "rm")
+    row = data.rows[0]
+    s_w, s_l = rm.score_pairs([row["prompt"]], [row["chosen"]], [row["rejected"]])
+    i = int(np.flatnonzero((table.meta["row_id"] == row["row_id"]) & (table.meta["side"] == "chosen"))[0])
+    assert s_w[0] == pytest.approx(rm.score_states(table.states[i:i + 1]).item(), abs=1e-4)
+    single = rm.score([row["prompt"]], [row["chosen"]])
+    assert single[0] == pytest.approx(s_w[0], abs=1e-4)  # untruncated: a text scores the same alone
+    with pytest.raises(ValueError, match="prompts"):
+        rm.score(["a", "b"], ["x"])
+
+
+def test_rm_evaluate_command_counts_malformed_rows(rm_run, capsys):
+    tmp, out, _ = rm_run
+    f = tmp / "eval.jsonl"
+    f.write_text('{"prompt": "Question: bake bread?", "chosen": "Sure, mix flour.", "rejected": "No."}\n'
+                 '{"prompt": "p", "chosen": "same", "rejected": "same"}\n{broken\n'
+                 '{"prompt": "q", "chosen": 5, "rejected": "x"}\n')
+    assert main(["rm", "evaluate", str(out / "rm"), str(f), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["n_pairs"] == 1 and result["n_rejected"] == 3 and result["accuracy"] in (0.0, 1.0)
+    assert main(["rm", "evaluate", str(out / "rm"), str(tmp / "missing.jsonl"), "--json"]) == 1
+
+
+def test_second_run_reuses_caches_and_resumes_head_training(rm_run, monkeypatch):
+    tmp, out, overrides = rm_run
+    import sparserm.features.extract as extract
+    import sparserm.sae.stage as sae_stage
+
+    monkeypatch.setattr(extract, "extract_to_parquet", lambda *a, **k: pytest.fail("model pass re-run"))
+    monkeypatch.setattr(sae_stage, "train_sae", lambda *a, **k: pytest.fail("SAE re-trained"))
+    assert main(["rm", "train", *overrides, "--output-dir", str(out)]) == 0
+    assert len(json.loads((out / "metrics.json").read_text())["history"]) == 3
