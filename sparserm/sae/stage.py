@@ -56,6 +56,9 @@ def obtain_sae(cfg: Config, cache: ActivationCache, layer: int, d_model: int) ->
                     hook_name=f"{cfg.model.name}:layers.{layer}", progress=True)
     write_json(folder / "training.json", {"n_train_tokens": len(train), "n_massive_excluded": int(massive.sum()),
                                           "seconds": round(time.time() - t0, 1), "activation_cache": str(cache.root)})
+    write_json(folder / "evaluation_source.json", {"activation_cache": str(cache.root), "layer": layer,
+                                                    "outlier_norm_factor": cfg.features.outlier_norm_factor,
+                                                    "seed": cfg.run.seed})
     return sae, folder
 
 
@@ -77,9 +80,6 @@ def run_sae_stage(cfg: Config, out_dir: Path) -> tuple[Path, dict]:
             metrics["training_seconds"] = json.loads(training.read_text())["seconds"]
             metrics["n_train_tokens"] = json.loads(training.read_text())["n_train_tokens"]
         write_json(folder / "eval.json", metrics)
-        write_json(folder / "evaluation_source.json", {"activation_cache": str(cache.root), "layer": layer,
-                                                        "outlier_norm_factor": cfg.features.outlier_norm_factor,
-                                                        "seed": cfg.run.seed})
     write_json(out_dir / "sae_eval.json", metrics)
     write_manifest(out_dir, cfg, "sae", extra={"activation_cache": str(cache.root), "sae_dir": str(folder)})
     return (folder or out_dir), metrics
