@@ -43,7 +43,8 @@ def cmd_features(args) -> int:
 
     cfg, out = _load(args)
     cache = run_features(cfg, out)
-    write_manifest(out, cfg, "features", extra={"activation_cache": str(cache.root), "cache": cache.summary})
+    write_manifest(out, cfg, "features", inputs=cache.summary.get("inputs", {}),
+                   extra={"activation_cache": str(cache.root), "cache": cache.summary})
     print(cache.root)
     return 0
 
