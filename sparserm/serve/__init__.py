@@ -1,0 +1,23 @@
+"""The reward-model service: a Ray Serve app over a SparseRM folder (HTTP + DeploymentHandle) and its clients.
+
+``sparserm serve rm RM_DIR`` starts it; :class:`RewardClient` / :class:`HTTPRewardClient` call it from Python,
+:func:`score_dataset` from Ray Data and :class:`SparseRMReward` from TRL's ``GRPOTrainer``.
+"""
+from __future__ import annotations
+
+from sparserm.serve.config import AutoscalingSpec, ServeConfig, load_serve_config
+from sparserm.serve.schema import ServeRequestError
+
+__all__ = ["ServeConfig", "AutoscalingSpec", "load_serve_config", "ServeRequestError", "RewardClient",
+           "HTTPRewardClient", "score_dataset", "SparseRMReward", "build_app", "start"]
+
+_LAZY = {"RewardClient": "client", "HTTPRewardClient": "client", "score_dataset": "client",
+         "SparseRMReward": "client", "build_app": "app", "start": "app"}
+
+
+def __getattr__(name: str):  # ray.serve and the clients are imported on first use
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"sparserm.serve.{_LAZY[name]}"), name)
+    raise AttributeError(name)

@@ -1,0 +1,76 @@
+"""Tiny random models for tests and benchmarks (no files from anywhere, no network).
+
+* ``build_tiny_model(path)``: a random Llama backbone with a small BPE tokenizer carrying a ChatML chat template.
+* ``build_tiny_rm(out_dir, model_dir=None)``: a SparseRM folder over such a backbone (built here unless
+  ``model_dir`` is given): random directions ``torch.randn(2K, d)`` and an untrained :class:`RewardHead`
+  whose standardisation is fit on random data.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CORPUS = [
+    "How do I bake bread? Mix flour, water and yeast, then bake it.",
+    "I won't help with that. Please ask something else.",
+    "The capital of France is Paris. Paris is a city in Europe.",
+    "Human: tell me a joke Assistant: why did the chicken cross the road?",
+    "You should wait 24 hours before filing a missing person report; you can report at once.",
+] * 20
+
+
+def build_tiny_model(path: Path, n_layers: int = 4, hidden: int = 64, seed: int = 0) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, tie_word_embeddings=True,
+                      bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id)
+    path.mkdir(parents=True, exist_ok=True)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+def build_tiny_rm(out_dir: str | Path, model_dir: str | Path | None = None, *, layer: int = 2, top_k: int = 8,
+                  head_hidden: int = 32, max_tokens: int = 128, seed: int = 0, **model_kwargs) -> Path:
+    """Write a SparseRM folder to ``out_dir`` and return it (``model_kwargs`` go to :func:`build_tiny_model`)."""
+    import json
+
+    from sparserm.config import ModelConfig
+    from sparserm.reward.head import RewardHead
+    from sparserm.reward.model import save_rm
+
+    out_dir = Path(out_dir)
+    if model_dir is None:
+        model_dir = build_tiny_model(out_dir.parent / f"{out_dir.name}-backbone", seed=seed, **model_kwargs)
+    d = json.loads((Path(model_dir) / "config.json").read_text())["hidden_size"]
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(2 * top_k, d, generator=g)
+    head = RewardHead(2 * top_k, head_hidden)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    head.fit_standardization(torch.randn(64, 2 * top_k, generator=g) * 5.0)
+    m = 8 * top_k
+    mu_w, mu_l = torch.rand(m, generator=g), torch.rand(m, generator=g)
+    cfg = ModelConfig(name=str(Path(model_dir).resolve()), layer=layer, max_tokens=max_tokens, device="cpu")
+    return save_rm(out_dir, model_cfg=cfg, head=head.eval(), dirs=dirs, pos_ids=list(range(top_k)),
+                   neg_ids=list(range(top_k, 2 * top_k)), mu_w=mu_w.numpy(), mu_l=mu_l.numpy(),
+                   sae_info={"source": "random", "width": m}, extra={"name": "tiny-random-rm"})
