@@ -92,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     from sparserm.reward.cli import add_rm_commands
 
     add_rm_commands(sub, _config_args, _load)
+
+    from sparserm.align.cli import add_align_command
+
+    add_align_command(sub, _config_args, _load)
+
+    from sparserm.serve.cli import add_serve_commands
+
+    add_serve_commands(sub)
     return parser
 
 

@@ -97,6 +97,7 @@ class SAEConfig:
 @dataclass(frozen=True)
 class RewardConfig:
     top_k: int = 128  # K latents per side; 2K directions
+    sweep_k: tuple[int, ...] = (32, 64, 128, 256)  # `rm sweep`: candidate K (layers: model.layer + extra_layers)
     hidden: int = 512
     loss: str = "margin"  # margin | bt | bce
     margin: float = 1.0
@@ -107,6 +108,127 @@ class RewardConfig:
     val_fraction: float = 0.15  # of the training split, for choosing the best epoch
     num_workers: int = 1
     use_gpu: bool = False
+
+
+@dataclass(frozen=True)
+class AutoscalingSpec:
+    min_replicas: int = 1
+    max_replicas: int = 4
+    target_ongoing_requests: float | None = None  # None: Ray Serve's default
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The reward-model service (``sparserm serve rm``)."""
+
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    port: int = 8000
+    replicas: int = 1  # fixed replica count; ignored when `autoscaling` is set
+    autoscaling: AutoscalingSpec | None = None
+    max_batch_size: int = 16  # items (one prompt+response, or one compare pair) per @serve.batch call
+    max_batch_tokens: int = 4096  # token budget of one batch (token-aware batch sizing); 0 disables it
+    batch_wait_timeout_s: float = 0.01
+    max_ongoing_requests: int = 64  # HTTP/handle requests one replica accepts at once
+    max_items_per_request: int = 256  # more items -> 413
+    max_text_chars: int = 20000  # per text field (prompt, response, chosen, rejected, query, message content)
+    overlong: str = "reject"  # reject (413) | truncate (keep the last max_text_chars chars; indices reported)
+    auth_env: str = "SPARSERM_SERVE_TOKEN"  # env var holding the bearer token; unset or empty: no auth
+    num_cpus_per_replica: float = 1.0
+    num_gpus_per_replica: float = 0.0
+    access_log: bool = False  # one log line per request in the replica logs (costs ~5% throughput)
+
+    def validate(self) -> "ServeConfig":
+        def check(ok: bool, key: str, value: Any, expected: str) -> None:
+            if not ok:
+                raise ConfigError(f"serve.{key}={value!r} is invalid: expected {expected}")
+
+        check(1 <= self.port <= 65535, "port", self.port, "1..65535")
+        check(self.replicas >= 1, "replicas", self.replicas, ">= 1")
+        if self.autoscaling is not None:
+            a = self.autoscaling
+            check(0 <= a.min_replicas <= a.max_replicas and a.max_replicas >= 1, "autoscaling",
+                  to_dict(a), "0 <= min_replicas <= max_replicas, max_replicas >= 1")
+        check(self.max_batch_size >= 1, "max_batch_size", self.max_batch_size, ">= 1")
+        check(self.max_batch_tokens >= 0, "max_batch_tokens", self.max_batch_tokens, ">= 0")
+        check(self.batch_wait_timeout_s >= 0, "batch_wait_timeout_s", self.batch_wait_timeout_s, ">= 0")
+        check(self.max_ongoing_requests >= 1, "max_ongoing_requests", self.max_ongoing_requests, ">= 1")
+        check(self.max_items_per_request >= 1, "max_items_per_request", self.max_items_per_request, ">= 1")
+        check(self.max_text_chars >= 1, "max_text_chars", self.max_text_chars, ">= 1")
+        check(self.overlong in ("reject", "truncate"), "overlong", self.overlong, "reject|truncate")
+        check(self.num_cpus_per_replica >= 0, "num_cpus_per_replica", self.num_cpus_per_replica, ">= 0")
+        check(self.num_gpus_per_replica >= 0, "num_gpus_per_replica", self.num_gpus_per_replica, ">= 0")
+        return self
+
+    def deployment_options(self) -> dict:
+        """Keyword arguments for ``Deployment.options``."""
+        opts: dict[str, Any] = {
+            "ray_actor_options": {"num_cpus": self.num_cpus_per_replica, "num_gpus": self.num_gpus_per_replica},
+            "max_ongoing_requests": self.max_ongoing_requests,
+            # a replica being stopped (downscale, redeploy) finishes what it accepted first
+            "graceful_shutdown_timeout_s": 30.0,
+            "logging_config": {"enable_access_log": self.access_log},
+        }
+        if self.autoscaling is not None:
+            auto = {k: v for k, v in to_dict(self.autoscaling).items() if v is not None}
+            opts["autoscaling_config"] = auto  # num_replicas left unset: the autoscaler owns it
+        else:
+            opts["num_replicas"] = self.replicas
+        return opts
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass(frozen=True)
+class VLLMSpec:
+    num_engines: int = 1
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.5
+    max_model_len: int = 2048
+    max_lora_rank: int = 16
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """Iterative alignment (``sparserm align``): generate -> filter by the RM -> DPO with LoRA, per round."""
+
+    rm_dir: str | None = None  # a SparseRM folder; None: `rm train` with this config (cached) into <out>/rm
+    rounds: int = 5
+    prompts_per_round: int = 400  # per task; each round draws fresh training prompts
+    filters: tuple[str, ...] = ("rm", "none")  # rm: keep s_chosen >= s_rejected; none: the paper's WO-RM run
+    # generation
+    engine: str = "auto"  # auto (vllm with a GPU, else hf) | hf | vllm
+    pair_mode: str = "contrastive"  # contrastive (instruction per side) | ranked (best/worst of n by the RM)
+    n_samples: int = 4  # ranked mode: samples per prompt
+    max_prompt_tokens: int = 96  # prompt tokens kept (from the left) for generation and DPO
+    max_new_tokens: int = 64
+    temperature: float = 0.7
+    top_p: float = 0.95
+    generation_batch_size: int = 16
+    vllm: VLLMSpec = field(default_factory=VLLMSpec)
+    # DPO
+    loss: str = "dpo"
+    beta: float = 0.1
+    epochs: int = 3
+    lr: float = 5e-4
+    batch_size: int = 8  # pairs per optimizer step (over all workers)
+    micro_batch_size: int = 4  # pairs per forward per worker
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    deepspeed_stage: int = 2  # ZeRO stage 0-3 (bf16 on GPU, fp32 on CPU with gloo)
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    actor_cpus: float = 0.5  # per engine / evaluator / RM-scorer actor
+    use_gpu: bool = False
+    torch_threads: int = 0  # 0: every core of the machine (generation and training never overlap)
+    # evaluation, every round
+    eval_mc_questions: int = 200  # TruthfulQA eval-split questions for MC1/MC2
+    eval_hh_pairs: int = 200  # HH eval pairs for the likelihood harmlessness measure
+    eval_winrate_prompts: int = 100  # eval prompts generated on and RM-scored against round 0
 
 
 @dataclass(frozen=True)
@@ -125,6 +247,8 @@ class Config:
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     sae: SAEConfig = field(default_factory=SAEConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
 
     def validate(self) -> "Config":
         m = self.model
@@ -143,6 +267,17 @@ class Config:
         _check(0.0 < self.data.eval_fraction < 1.0, "data.eval_fraction", self.data.eval_fraction, "in (0, 1)")
         _check(0.0 < self.features.token_sample_rate <= 1.0, "features.token_sample_rate",
                self.features.token_sample_rate, "in (0, 1]")
+        self.serve.validate()
+        a = self.align
+        _check(a.rounds >= 1, "align.rounds", a.rounds, ">= 1")
+        _check(a.engine in ("auto", "hf", "vllm"), "align.engine", a.engine, "auto|hf|vllm")
+        _check(a.pair_mode in ("contrastive", "ranked"), "align.pair_mode", a.pair_mode, "contrastive|ranked")
+        _check(a.pair_mode != "ranked" or a.n_samples >= 2, "align.n_samples", a.n_samples, ">= 2 in ranked mode")
+        _check(bool(a.filters) and set(a.filters) <= {"rm", "none"}, "align.filters", a.filters, "a list of rm|none")
+        _check(a.deepspeed_stage in (0, 1, 2, 3), "align.deepspeed_stage", a.deepspeed_stage, "0|1|2|3")
+        _check(a.batch_size % (a.micro_batch_size * a.num_workers) == 0, "align.batch_size", a.batch_size,
+               "a multiple of micro_batch_size x num_workers")
+        _check(a.beta > 0, "align.beta", a.beta, "> 0")
         return self
 
 
@@ -188,6 +323,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
         return build(tp, value, prefix=key)
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "5e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
         return float(value)

@@ -16,6 +16,11 @@ def add_rm_commands(sub, config_args, load) -> None:
     config_args(p)
     p.set_defaults(func=lambda a: _ablate(a, load), stage="rm-ablate")
 
+    p = rm.add_parser("sweep", help="choose layer L (model.layer + model.extra_layers) and K (reward.sweep_k) "
+                                    "on validation data")
+    config_args(p)
+    p.set_defaults(func=lambda a: _sweep(a, load), stage="rm-sweep")
+
     p = rm.add_parser("evaluate", help="accuracy of a reward-model folder on a preference file")
     p.add_argument("rm_dir")
     p.add_argument("data")
@@ -40,6 +45,14 @@ def _ablate(args, load) -> int:
 
     cfg, out = load(args)
     print(run_ablation(cfg, out))
+    return 0
+
+
+def _sweep(args, load) -> int:
+    from sparserm.reward.sweep import run_sweep
+
+    cfg, out = load(args)
+    print(run_sweep(cfg, out))
     return 0
 
 

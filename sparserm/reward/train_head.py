@@ -32,7 +32,7 @@ from sparserm.reward.accuracy import pair_accuracy
 from sparserm.reward.head import RewardHead, head_state, load_head, save_head
 from sparserm.reward.losses import get_loss
 
-__all__ = ["TrainHeadResult", "train_head", "ensure_ray"]
+__all__ = ["TrainHeadResult", "train_head", "ensure_ray", "fit_polling"]
 
 
 @dataclass
@@ -51,6 +51,21 @@ def ensure_ray(address: str | None = None) -> None:
 
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False)
+
+
+def fit_polling(trainer, poll_interval_s: float):
+    """``trainer.fit()`` with Ray Train's controller polling workers every ``poll_interval_s`` (each
+    ``ray.train.report`` waits for a poll; Ray's 2 s default dominates short epochs), unless
+    ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` is set in the environment. Raises TrainingFailedError."""
+    key = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # read by Ray from the driver's env at fit time
+    preset = key in os.environ
+    if not preset:
+        os.environ[key] = str(poll_interval_s)
+    try:
+        return trainer.fit()
+    finally:
+        if not preset:
+            os.environ.pop(key, None)
 
 
 def _pairs(d: dict, what: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,15 +241,7 @@ def train_head(train: dict, val: dict, *, loss: str = "margin", margin: float = 
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
-    key = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # read by Ray from the driver's env at fit time
-    preset = key in os.environ
-    if not preset:
-        os.environ[key] = str(poll_interval_s)
-    try:
-        result = trainer.fit()  # raises TrainingFailedError when the workers fail
-    finally:
-        if not preset:
-            os.environ.pop(key, None)
+    result = fit_polling(trainer, poll_interval_s)
     if result.checkpoint is None:
         raise RuntimeError(f"train_head {name!r}: no epoch finished, so there is no checkpoint")
     ckpt_dir = Path(result.checkpoint.path)

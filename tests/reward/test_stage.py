@@ -93,3 +93,22 @@ def test_second_run_reuses_caches_and_resumes_head_training(rm_run, monkeypatch)
     monkeypatch.setattr(sae_stage, "train_sae", lambda *a, **k: pytest.fail("SAE re-trained"))
     assert main(["rm", "train", *overrides, "--output-dir", str(out)]) == 0
     assert len(json.loads((out / "metrics.json").read_text())["history"]) == 3
+
+
+def test_sweep_picks_layer_and_k_on_validation_from_one_pass(rm_run):
+    tmp, _, overrides = rm_run
+    out = tmp / "sweep"
+    over = [o for o in overrides if not o.startswith("reward.epochs")] + [
+        "model.extra_layers=[1]", "reward.sweep_k=[4,8]", "reward.epochs=2"]
+    before = set((tmp / "cache" / "activations").iterdir())
+    assert main(["rm", "sweep", *over, "--output-dir", str(out)]) == 0
+    new_caches = set((tmp / "cache" / "activations").iterdir()) - before
+    assert len(new_caches) == 1  # one pass to the deepest layer serves both layers
+    result = json.loads((out / "sweep.json").read_text())
+    cells = {(r["layer"], r["k"]) for r in result["rows"]}
+    assert cells == {(1, 4), (1, 8), (2, 4), (2, 8)}
+    best = max(result["rows"], key=lambda r: (r["val_accuracy"], -r["val_loss"]))
+    assert result["chosen"] == {"layer": best["layer"], "k": best["k"]}
+    saes = {json.loads(p.read_text()).get("layer") for p in (tmp / "cache" / "saes").glob("*/sparserm_sae.json")}
+    assert {1, 2} <= saes  # an SAE per candidate layer
+    assert "(chosen)" in (out / "sweep.md").read_text()

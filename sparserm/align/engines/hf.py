@@ -1,0 +1,107 @@
+"""The transformers policy: generation on CPU (or any device) and the log-probs evaluation reads.
+
+One base model is loaded once; each round's LoRA adapter is attached with peft and switched in place
+(``set_adapter``), never a second copy of the base weights. ``adapter=None`` is the base policy.
+"""
+from __future__ import annotations
+
+import torch
+
+from sparserm.align.engines.base import Sampling, clip_left, render
+
+
+class HFPolicy:
+    def __init__(self, model_cfg: dict, cache_dir: str, num_threads: int = 0):
+        from sparserm.config import ModelConfig, build
+        from sparserm.model.backbone import load_causal_lm
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.model_cfg = build(ModelConfig, model_cfg)
+        self.model, self.tokenizer = load_causal_lm(self.model_cfg, cache_dir)
+        self.base = self.model
+        self.adapter: str | None = None
+        self._n_loaded = 0
+
+    # ------------------------------------------------------------ adapters
+    def set_adapter(self, path: str | None) -> str | None:
+        """Attach the LoRA adapter saved at ``path`` (None: the base policy). Returns the active path."""
+        from peft import PeftModel
+
+        if path == self.adapter:
+            return path
+        if path is None:
+            self.adapter = None
+            return None
+        self._n_loaded += 1
+        name = f"a{self._n_loaded}"
+        if isinstance(self.model, PeftModel):
+            old = self.model.active_adapter
+            self.model.load_adapter(path, adapter_name=name)
+            self.model.set_adapter(name)
+            self.model.delete_adapter(old)
+        else:
+            self.model = PeftModel.from_pretrained(self.base, path, adapter_name=name)
+        self.model.eval()
+        self.adapter = path
+        return path
+
+    def _policy(self):
+        """A context in which ``self.model`` is the current policy."""
+        import contextlib
+
+        from peft import PeftModel
+
+        if self.adapter is None and isinstance(self.model, PeftModel):
+            return self.model.disable_adapter()
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, conversations: list[list[dict]], sampling: dict, seed: int, batch_size: int = 16) -> list[dict]:
+        """One sampled response per conversation: ``{"text", "n_tokens", "finished"}``."""
+        s = Sampling(**sampling)
+        tok = self.tokenizer
+        prompts = [clip_left(render(tok, c, self.model_cfg.chat_template), s.max_prompt_tokens) for c in conversations]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batch together
+        out: list[dict | None] = [None] * len(prompts)
+        device = next(self.model.parameters()).device
+        with self._policy():
+            for b in range(0, len(order), batch_size):
+                idx = order[b: b + batch_size]
+                n = max(len(prompts[i]) for i in idx)
+                ids = torch.full((len(idx), n), tok.pad_token_id, dtype=torch.long)
+                mask = torch.zeros(len(idx), n, dtype=torch.long)
+                for j, i in enumerate(idx):
+                    ids[j, n - len(prompts[i]):] = torch.tensor(prompts[i])
+                    mask[j, n - len(prompts[i]):] = 1
+                torch.manual_seed(seed * 1_000_003 + b)
+                gen = self.model.generate(
+                    input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=s.temperature > 0,
+                    temperature=s.temperature if s.temperature > 0 else None, top_p=s.top_p if s.temperature > 0 else None,
+                    max_new_tokens=s.max_new_tokens, pad_token_id=tok.pad_token_id)
+                for j, i in enumerate(idx):
+                    new = gen[j, n:].tolist()
+                    finished = tok.eos_token_id in new
+                    if finished:
+                        new = new[: new.index(tok.eos_token_id)]
+                    new = [t for t in new if t != tok.pad_token_id]
+                    out[i] = {"text": tok.decode(new, skip_special_tokens=True).strip(), "n_tokens": len(new),
+                              "finished": finished}
+        return out  # type: ignore[return-value]
+
+    # ------------------------------------------------------------ log-probs
+    @torch.no_grad()
+    def group_logprobs(self, items: list[tuple[str, list[str]]], max_tokens: int) -> list[tuple[list[float], list[float]]]:
+        """Per (prompt, responses): summed log-probs and token counts of each response under the current
+        policy, the prompt run once per item."""
+        from sparserm.align.logprobs import group_logprobs
+        from sparserm.model.text import encode_group
+
+        out = []
+        with self._policy():
+            for prompt, responses in items:
+                group = encode_group(self.tokenizer, prompt, list(responses), max_tokens, self.model_cfg.chat_template)
+                lp, n = group_logprobs(self.model, group)
+                out.append((lp.tolist(), n.tolist()))
+        return out

@@ -1,0 +1,101 @@
+"""Log-probabilities of responses under a causal LM: the one computation DPO and every evaluation share.
+
+``encode_batch`` turns token groups (one prompt, several responses) into a left-padded batch with a
+response mask; ``response_logprobs`` sums (or averages) the log-probs of the response tokens, computing
+the LM head only over the last positions where responses live. ``group_logprobs`` scores the responses of
+one prompt with the prompt run once and its KV cache repeated over the responses (MC options, HH pairs),
+equal to the batched computation up to float rounding (tested).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sparserm.model.text import TokenGroup
+
+
+@dataclass
+class SequenceBatch:
+    input_ids: torch.Tensor  # [B, T] left-padded
+    attention_mask: torch.Tensor  # [B, T]
+    position_ids: torch.Tensor  # [B, T]
+    response_mask: torch.Tensor  # [B, T] 1 on response tokens
+    n_response: int  # the longest response; logits are needed for the last n_response + 1 positions
+
+    def to(self, device) -> "SequenceBatch":
+        return SequenceBatch(self.input_ids.to(device), self.attention_mask.to(device),
+                             self.position_ids.to(device), self.response_mask.to(device), self.n_response)
+
+
+def encode_batch(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> SequenceBatch:
+    """``sequences``: (prompt ids, response ids) per row. Left padding keeps every response at the end."""
+    if not sequences:
+        raise ValueError("encode_batch: no sequences")
+    for i, (_, resp) in enumerate(sequences):
+        if not resp:
+            raise ValueError(f"encode_batch: row {i} has an empty response")
+    n = max(len(p) + len(r) for p, r in sequences)
+    ids = torch.full((len(sequences), n), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(sequences), n, dtype=torch.long)
+    resp_mask = torch.zeros(len(sequences), n, dtype=torch.long)
+    for i, (prompt, resp) in enumerate(sequences):
+        seq = prompt + resp
+        ids[i, n - len(seq):] = torch.tensor(seq)
+        mask[i, n - len(seq):] = 1
+        resp_mask[i, n - len(resp):] = 1
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    return SequenceBatch(ids, mask, pos, resp_mask, max(len(r) for _, r in sequences))
+
+
+def groups_to_sequences(groups: list[TokenGroup], eos_id: int | None = None) -> list[tuple[list[int], list[int]]]:
+    """Every (prompt, response) of the groups in order; ``eos_id`` is appended to each response."""
+    tail = [eos_id] if eos_id is not None else []
+    return [(g.prefix, s + tail) for g in groups for s in g.suffixes]
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) per position, from logits [.., V] and targets [..]."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def response_logprobs(model, batch: SequenceBatch, average: bool = False) -> torch.Tensor:
+    """Sum (``average``: mean) over response tokens of log p(token | everything before it); [B]."""
+    keep = batch.n_response + 1
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                use_cache=False, logits_to_keep=keep)
+    logits = out.logits[:, -keep:-1]  # predicts the last n_response tokens
+    targets = batch.input_ids[:, -batch.n_response:]
+    mask = batch.response_mask[:, -batch.n_response:].to(logits.dtype)
+    lp = (token_logprobs(logits, targets) * mask).sum(1)
+    return lp / mask.sum(1).clamp(min=1) if average else lp
+
+
+@torch.no_grad()
+def group_logprobs(model, group: TokenGroup) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs [n] and token counts [n] of each response of ``group`` (prompt run once)."""
+    from transformers import DynamicCache
+
+    if not group.prefix:
+        raise ValueError("group_logprobs: the prompt is empty")
+    device = next(model.parameters()).device
+    n = len(group.suffixes)
+    lengths = torch.tensor([len(s) for s in group.suffixes])
+    if n == 0 or int(lengths.min()) == 0:
+        raise ValueError("group_logprobs: every response needs at least one token")
+    cache = DynamicCache(config=model.config)
+    prefix = torch.tensor([group.prefix], device=device)
+    first = model(input_ids=prefix, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]  # [V]
+    cache.batch_repeat_interleave(n)
+    L = int(lengths.max())
+    ids = torch.zeros(n, L, dtype=torch.long)
+    mask = torch.zeros(n, L, dtype=torch.long)
+    for i, s in enumerate(group.suffixes):  # right padding: real tokens never see the pads after them
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    full_mask = torch.cat([torch.ones(n, len(group.prefix), dtype=torch.long), mask], 1)
+    ids, mask, full_mask = ids.to(device), mask.to(device), full_mask.to(device)
+    logits = model(input_ids=ids, attention_mask=full_mask, cache=cache, use_cache=True).logits  # [n, L, V]
+    logits = torch.cat([first.expand(n, 1, -1), logits[:, :-1]], 1)
+    lp = (token_logprobs(logits, ids) * mask.to(logits.dtype)).sum(1)
+    return lp.float().cpu(), lengths.float()

@@ -1,0 +1,55 @@
+"""The per-round table (Markdown + JSON) and a PNG of the metrics over rounds, one line per filter."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from sparserm.manifest import write_json
+
+METRICS = ("mc1", "mc2", "harmless", "rm_win_rate")
+COLUMNS = ("round", "filter", "n_kept", "n_pairs", "dpo_loss", "dpo_reward_accuracy", *METRICS, "rm_score_mean")
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def table_md(rows: dict[str, list[dict]]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+    for filt, rs in rows.items():
+        for row in rs:
+            lines.append("| " + " | ".join(_fmt(row.get(c)) for c in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: dict[str, list[dict]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.2))
+    for ax, metric in zip(axes, METRICS):
+        for filt, rs in rows.items():
+            pts = [(r["round"], r[metric]) for r in rs if r.get(metric) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label={"rm": "SparseRM-filtered", "none": "WO RM"}.get(filt, filt))
+        ax.set_title(metric)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_report(out: Path, rows: dict[str, list[dict]], timings: dict | None = None) -> Path:
+    write_json(out / "report.json", {"rows": rows, "timings": timings or {}})
+    plot(rows, out / "metrics.png")
+    text = ["# Iterative alignment", "", table_md(rows), "", "![metrics over rounds](metrics.png)", ""]
+    if timings:
+        text += ["Time per phase (s, this invocation): " + ", ".join(f"{k} {v}" for k, v in timings.items()), ""]
+    (out / "report.md").write_text("\n".join(text))
+    return out / "report.md"

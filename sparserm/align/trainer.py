@@ -1,0 +1,240 @@
+"""DPO with LoRA under DeepSpeed, on Ray Train (``TorchTrainer``: NCCL on GPUs, gloo on CPU).
+
+Each worker loads the base model once, adds (or continues) the LoRA adapter with peft and hands the model
+with an AdamW over the adapter's parameters to ``deepspeed.initialize`` (ZeRO stage from config; bf16 on
+GPU, fp32 on CPU). The reference is the same model with the adapter disabled (no second copy); its
+log-probs are computed once per round, shared across workers by an all-reduce, and stored in the
+checkpoint. Every epoch rank 0 writes a checkpoint:
+
+    adapter/                  peft adapter (adapter_model.safetensors + adapter_config.json)
+    reference.safetensors     reference log-probs of every pair (chosen, rejected)
+    state.json                epoch, per-epoch history, fingerprint
+
+A rerun with the same ``storage_dir``/``name`` resumes after the last finished epoch (Ray Train's run
+snapshot); the optimizer moments restart there (DeepSpeed's own checkpoints are pickles, which we do not
+write). The shuffle of epoch e depends only on (seed, e), so the data order is that of an unbroken run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from sparserm.config import AlignConfig, Config, to_dict
+
+__all__ = ["train_dpo", "ds_config"]
+
+
+def ds_config(a: AlignConfig, world: int, use_gpu: bool) -> dict:
+    micro = a.micro_batch_size
+    return {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": max(1, a.batch_size // (micro * world)),
+        "zero_optimization": {"stage": a.deepspeed_stage},
+        "gradient_clipping": 1.0,
+        "bf16": {"enabled": bool(use_gpu)},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _tokenize(tok, pairs: list[dict], max_tokens: int, chat_template: bool) -> list[tuple]:
+    """Per pair: ((prompt, chosen + eos), (prompt, rejected + eos)) token ids."""
+    from sparserm.align.logprobs import groups_to_sequences
+    from sparserm.model.text import encode_group
+
+    out = []
+    for p in pairs:
+        group = encode_group(tok, p["prompt"], [p["chosen"], p["rejected"]], max_tokens - 1, chat_template)
+        w, l = groups_to_sequences([group], tok.eos_token_id)
+        out.append((w, l))
+    return out
+
+
+def _pair_logprobs(model, seqs: list[tuple], idx: list[int], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    from sparserm.align.logprobs import encode_batch, response_logprobs
+
+    batch = encode_batch([seqs[i][0] for i in idx] + [seqs[i][1] for i in idx], pad_id).to(device)
+    lp = response_logprobs(model, batch)
+    return lp[: len(idx)], lp[len(idx):]
+
+
+def _adapter_state(model, stage: int) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    if stage == 3:  # parameters are partitioned: gather the adapter's on every rank
+        import deepspeed
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(params):
+            return {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+    return {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def frozen_checksum(model) -> float:
+    """Sum of every frozen (base) parameter: must not move during LoRA training."""
+    return float(sum(p.detach().double().sum().item() for p in model.parameters() if not p.requires_grad))
+
+
+def _train_loop(c: dict) -> dict:
+    """Runs on every Ray Train worker."""
+    import deepspeed
+    import ray
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+    from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    from sparserm.align.losses import get_loss
+    from sparserm.config import ModelConfig, build
+    from sparserm.model.backbone import load_causal_lm
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    os.environ.setdefault("LOCAL_RANK", str(ctx.get_local_rank()))  # DeepSpeed reads it
+    if c["threads"]:
+        torch.set_num_threads(c["threads"])
+    device = ray.train.torch.get_device()
+    a = build(AlignConfig, c["align"])
+    mcfg = build(ModelConfig, c["model"])
+    model, tok = load_causal_lm(mcfg, c["cache_dir"], device)
+    if c["init_adapter"]:
+        model = PeftModel.from_pretrained(model, c["init_adapter"], is_trainable=True)
+    else:
+        torch.manual_seed(c["seed"])
+        model = get_peft_model(model, LoraConfig(r=a.lora.r, lora_alpha=a.lora.alpha, lora_dropout=a.lora.dropout,
+                                                 target_modules=list(a.lora.target_modules), task_type="CAUSAL_LM"))
+    base_sum = frozen_checksum(model)
+    pairs = ray.get(c["pairs_ref"])
+    seqs = _tokenize(tok, pairs, c["max_tokens"], mcfg.chat_template)
+    n, micro = len(seqs), a.micro_batch_size
+
+    history, ref = [], None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = json.loads((Path(d) / "state.json").read_text())
+            if state["fingerprint"] != c["fingerprint"]:
+                raise ValueError(f"{c['name']}: the stored run was trained on other pairs or settings; "
+                                 f"use a new output directory")
+            set_peft_model_state_dict(model, load_file(str(Path(d) / "adapter" / "adapter_model.safetensors")))
+            ref = load_file(str(Path(d) / "reference.safetensors"))
+            history = state["history"]
+    if ref is None:  # reference log-probs: adapter disabled, pairs split over workers, then all-reduced
+        ref_w, ref_l = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+        model.eval()
+        with torch.no_grad(), model.disable_adapter():
+            mine = list(range(rank, n, world))
+            for b in range(0, len(mine), micro):
+                idx = mine[b: b + micro]
+                w, l = _pair_logprobs(model, seqs, idx, tok.pad_token_id, device)
+                ref_w[idx], ref_l[idx] = w.double().cpu(), l.double().cpu()
+        if world > 1:
+            both = torch.stack([ref_w, ref_l]).to(device)
+            dist.all_reduce(both)
+            ref_w, ref_l = both[0].cpu(), both[1].cpu()
+        ref = {"chosen": ref_w, "rejected": ref_l}
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=a.lr, weight_decay=0.0)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=c["ds_config"])
+    loss_fn = get_loss(a.loss)
+    step_pairs = a.batch_size  # pairs per optimizer step over all workers
+    n_pad = math.ceil(n / step_pairs) * step_pairs
+    for epoch in range(len(history) + 1, c["epochs"] + 1):
+        g = torch.Generator().manual_seed(c["seed"] * 1_000_003 + epoch)
+        perm = torch.randperm(n, generator=g)
+        perm = torch.cat([perm, perm[: n_pad - n]]) if n_pad > n else perm  # whole steps on every worker
+        shard = perm[rank::world].tolist()
+        engine.train()
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, correct, margin, count
+        n_micro = math.ceil(len(shard) / micro)
+        for k, b in enumerate(range(0, len(shard), micro)):
+            idx = shard[b: b + micro]
+            pi_w, pi_l = _pair_logprobs(engine, seqs, idx, tok.pad_token_id, device)
+            r_w = ref["chosen"][idx].to(device, pi_w.dtype)
+            r_l = ref["rejected"][idx].to(device, pi_l.dtype)
+            losses, u = loss_fn(pi_w, pi_l, r_w, r_l, beta=a.beta)
+            engine.backward(losses.mean())
+            engine.step()
+            sums += torch.tensor([losses.sum().item(), (u > 0).sum().item(), u.sum().item(), len(idx)],
+                                 dtype=torch.float64)
+            if c["progress"] and rank == 0 and (k + 1) % c["log_every"] == 0:
+                print(f"[dpo {c['name']}] epoch {epoch}/{c['epochs']} step {k + 1}/{n_micro} "
+                      f"loss={sums[0] / sums[3]:.4f} acc={sums[1] / sums[3]:.3f}", flush=True)
+        if world > 1:
+            t = sums.to(device)
+            dist.all_reduce(t)
+            sums = t.cpu()
+        row = {"epoch": epoch, "loss": float(sums[0] / sums[3]), "reward_accuracy": float(sums[1] / sums[3]),
+               "reward_margin": float(sums[2] / sums[3] / a.beta), "n_pairs": n, "base_checksum": base_sum,
+               "base_checksum_after": frozen_checksum(engine.module) if a.deepspeed_stage < 3 else None}
+        history.append(row)
+        adapter = _adapter_state(engine.module, a.deepspeed_stage)  # every rank (ZeRO-3 gathers)
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                tmp_p = Path(tmp)
+                engine.module.save_pretrained(str(tmp_p / "adapter"), state_dict=adapter)
+                save_file({k: v.contiguous() for k, v in ref.items()}, str(tmp_p / "reference.safetensors"))
+                (tmp_p / "state.json").write_text(json.dumps({"epoch": epoch, "history": history,
+                                                              "fingerprint": c["fingerprint"]}, indent=1))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                if c["progress"]:
+                    print(f"[dpo {c['name']}] epoch {epoch}/{c['epochs']} done: " + json.dumps(row), flush=True)
+            ray.train.report(row, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch:04d}")
+        if c["stop_after_epoch"] is not None and epoch >= c["stop_after_epoch"]:
+            break
+    return {"history": history}
+
+
+def train_dpo(cfg: Config, pairs: list[dict], *, storage_dir: Path, name: str, init_adapter: str | None = None,
+              stop_after_epoch: int | None = None, progress: bool = True) -> dict:
+    """DPO-train a LoRA adapter on ``pairs`` (dicts with prompt/chosen/rejected). Returns
+    ``{"adapter": <folder>, "history": [...], "finished": bool}``; the adapter is the last epoch's."""
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    import ray
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from sparserm.align.losses import get_loss
+    from sparserm.manifest import stable_hash
+    from sparserm.reward.train_head import ensure_ray, fit_polling
+
+    a = cfg.align
+    get_loss(a.loss)
+    if not pairs:
+        raise ValueError(f"{name}: no pairs to train on")
+    ensure_ray(cfg.run.ray_address)
+    fingerprint = stable_hash({"pairs": [[p["prompt"], p["chosen"], p["rejected"]] for p in pairs],
+                               "align": to_dict(a), "model": to_dict(cfg.model), "init": init_adapter})
+    stored = sorted(Path(storage_dir, name).glob("epoch_*/state.json"))
+    if stored and json.loads(stored[-1].read_text())["fingerprint"] != fingerprint:
+        raise ValueError(f"{Path(storage_dir, name)} holds a DPO run on other pairs or settings; "
+                         f"resume it unchanged, or use a new output directory")
+    c = {"align": to_dict(a), "model": to_dict(cfg.model), "cache_dir": cfg.run.cache_dir,
+         "pairs_ref": ray.put([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs]),
+         "init_adapter": init_adapter, "seed": cfg.run.seed, "epochs": a.epochs, "name": name,
+         "max_tokens": a.max_prompt_tokens + a.max_new_tokens, "fingerprint": fingerprint,
+         "ds_config": ds_config(a, a.num_workers, a.use_gpu), "stop_after_epoch": stop_after_epoch,
+         "progress": progress, "log_every": max(1, 8 // max(1, a.micro_batch_size)) * 4,
+         "threads": a.torch_threads or (os.cpu_count() if not a.use_gpu else 0)}
+    resources = {"CPU": a.cpus_per_worker, **({"GPU": 1} if a.use_gpu else {})}
+    trainer = TorchTrainer(
+        _train_loop, train_loop_config=c,
+        torch_config=TorchConfig(backend="nccl" if a.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=a.num_workers, use_gpu=a.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(storage_path=str(Path(storage_dir).resolve()), name=name,
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+    )
+    result = fit_polling(trainer, 0.2)
+    if result.checkpoint is None:
+        raise RuntimeError(f"dpo {name!r}: no epoch finished, so there is no checkpoint")
+    ckpt = Path(result.checkpoint.path)
+    state = json.loads((ckpt / "state.json").read_text())
+    return {"adapter": str(ckpt / "adapter"), "history": state["history"],
+            "finished": int(state["epoch"]) >= a.epochs}

@@ -1,0 +1,22 @@
+import pytest
+
+from sparserm.config import load_config
+
+PAIRS = [{"prompt": f"How do I bake bread, take {i}?", "chosen": "Mix flour, water and yeast, then bake it.",
+          "rejected": "I won't help with that."} for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def dpo_pairs():
+    return [dict(p) for p in PAIRS]
+
+
+@pytest.fixture(scope="module")
+def tiny_align_config(tiny_model_dir, cache_dir):
+    """Builds a DPO config for the tiny model (2 pairs a micro-batch, 4 a step) plus overrides."""
+    def make(*extra):
+        return load_config(None, [f"model.name={tiny_model_dir}", f"run.cache_dir={cache_dir}", "align.batch_size=4",
+                                  "align.micro_batch_size=2", "align.max_new_tokens=16",
+                                  "align.max_prompt_tokens=32", *extra])
+
+    return make

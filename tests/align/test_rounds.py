@@ -1,0 +1,58 @@
+"""The alignment job end to end on a tiny random model and RM: two rounds, both filters, killed in round 2
+and resumed there without redoing finished work."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from sparserm.config import load_config
+from sparserm.manifest import read_jsonl
+
+
+@pytest.fixture(scope="module")
+def job_cfg(tiny_model_dir, cache_dir, shared_data, tmp_path_factory):
+    from sparserm.testing import build_tiny_rm
+
+    rm = build_tiny_rm(tmp_path_factory.mktemp("align-rm") / "rm", model_dir=tiny_model_dir)
+    return load_config(None, [
+        f"model.name={tiny_model_dir}", f"run.cache_dir={cache_dir}", f"align.rm_dir={rm}", "align.rounds=2",
+        "align.epochs=2", "align.batch_size=4", "align.micro_batch_size=2", "align.max_new_tokens=8",
+        "align.max_prompt_tokens=48", "align.prompts_per_round=3", "align.eval_mc_questions=3",
+        "align.eval_hh_pairs=3", "align.eval_winrate_prompts=4",
+        f"data.sources=[{{path: {shared_data}/hh_rlhf_harmless.jsonl.gz}}, {{path: {shared_data}/truthfulqa.csv}}]"])
+
+
+def test_job_resumes_in_round_two(job_cfg, ray_session, tmp_path):
+    from sparserm.align.cli import run_align
+
+    out = tmp_path / "align"
+    first = run_align(job_cfg, out, stop_after=(2, "rm"))
+    assert first["stopped"]
+    assert json.loads((out / "state.json").read_text()) == {"rm": 1, "none": 1}
+    assert not (out / "rm" / "round_2" / "metrics.json").exists()
+    finished = sorted(p for p in out.rglob("*") if p.is_file() and "round_1" in p.parts)
+    stamps = {p: os.stat(p).st_mtime_ns for p in finished}
+
+    second = run_align(job_cfg, out)
+    assert not second["stopped"]
+    assert {p: os.stat(p).st_mtime_ns for p in finished} == stamps  # round 1 untouched
+    hist = json.loads((out / "rm" / "round_2" / "train.json").read_text())
+    assert [h["epoch"] for h in hist] == [1, 2]
+
+    rows = json.loads((out / "report.json").read_text())["rows"]
+    assert [r["round"] for r in rows["rm"]] == [0, 1, 2] and [r["round"] for r in rows["none"]] == [0, 1, 2]
+    for r in rows["rm"][1:] + rows["none"][1:]:
+        assert 0.0 <= r["mc1"] <= 1.0 and 0.0 <= r["mc2"] <= 1.0 and 0.0 <= r["harmless"] <= 1.0
+        assert 0.0 <= r["rm_win_rate"] <= 1.0
+    assert rows["rm"][0]["rm_win_rate"] == 0.5
+    assert (out / "metrics.png").stat().st_size > 0 and "| 2 | none |" in (out / "report.md").read_text()
+
+    # round 1 pairs come from the base policy and are shared; the filter keeps exactly the RM-agreeing ones
+    cands = read_jsonl(out / "round_1" / "candidates.jsonl")
+    rm_kept = read_jsonl(out / "rm" / "round_1" / "pairs.jsonl")
+    assert [p["prompt"] for p in rm_kept] == [p["prompt"] for p in cands if p["score_chosen"] >= p["score_rejected"]]
+    assert len(read_jsonl(out / "none" / "round_1" / "pairs.jsonl")) == len(cands)
+    round2 = {p["prompt"] for p in read_jsonl(out / "rm" / "round_2" / "candidates.jsonl")}
+    assert round2 and not round2 & {p["prompt"] for p in cands}  # each round draws fresh prompts
+    assert json.loads((out / "manifest.json").read_text())["stage"] == "align"
