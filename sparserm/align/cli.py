@@ -25,9 +25,9 @@ def run_align(cfg, out: Path, stop_after: tuple[int, str] | None = None) -> dict
     write_manifest(out, cfg, "align", extra={"rm_dir": rm_dir})
     result = AlignJob(cfg, out, rm_dir, stop_after=stop_after).run()
     if not result["stopped"]:
-        timings = {**result.get("timings", {}), "total": round(time.time() - t0, 1)}
+        timings = {**result.get("timings", {}), "this_invocation": round(time.time() - t0, 1)}
         report = write_report(out, result["rows"], timings)
-        log(f"finished in {timings['total']} s; report: {report}")
+        log(f"finished in {timings['this_invocation']} s; report: {report}")
     return result
 
 

@@ -35,6 +35,7 @@ def plot(rows: dict[str, list[dict]], path: Path) -> Path:
             pts = [(r["round"], r[metric]) for r in rs if r.get(metric) is not None]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label={"rm": "SparseRM-filtered", "none": "WO RM"}.get(filt, filt))
+        ax.set_xticks(sorted({r["round"] for rs in rows.values() for r in rs}))
         ax.set_title(metric)
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
@@ -50,6 +51,8 @@ def write_report(out: Path, rows: dict[str, list[dict]], timings: dict | None = 
     plot(rows, out / "metrics.png")
     text = ["# Iterative alignment", "", table_md(rows), "", "![metrics over rounds](metrics.png)", ""]
     if timings:
-        text += ["Time per phase (s, this invocation): " + ", ".join(f"{k} {v}" for k, v in timings.items()), ""]
+        phases = ", ".join(f"{k} {v}" for k, v in timings.items() if k != "this_invocation")
+        text += [f"Seconds per phase, summed over every invocation on this folder: {phases}; "
+                 f"wall time of the last invocation: {timings.get('this_invocation')} s.", ""]
     (out / "report.md").write_text("\n".join(text))
     return out / "report.md"

@@ -35,12 +35,14 @@ def log(msg: str) -> None:
 
 class AlignJob:
     def __init__(self, cfg: Config, out: Path, rm_dir: str, stop_after: tuple[int, str] | None = None):
-        self.cfg, self.a, self.out, self.rm_dir = cfg, cfg.align, Path(out), rm_dir
+        # absolute: Ray Train workers run in their own working directory
+        self.cfg, self.a, self.out, self.rm_dir = cfg, cfg.align, Path(out).resolve(), str(Path(rm_dir).resolve())
         self.stop_after = stop_after  # (round, filter): return after that round's DPO, as a killed job would
         self.tasks: list[TaskData] = load_tasks(cfg)
         self.max_tokens = self.a.max_prompt_tokens + self.a.max_new_tokens
         self.pool = self.policy = self.scorer = None
-        self.timings: dict[str, float] = {}
+        timings = self.out / "timings.json"  # seconds per phase, summed over every invocation on this folder
+        self.timings: dict[str, float] = json.loads(timings.read_text()) if timings.is_file() else {}
 
     # ------------------------------------------------------------ helpers
     def _actors(self):
@@ -52,6 +54,7 @@ class AlignJob:
 
     def _timed(self, key: str, t0: float) -> None:
         self.timings[key] = round(self.timings.get(key, 0.0) + time.time() - t0, 1)
+        write_json(self.out / "timings.json", self.timings)
 
     def _set_adapter(self, adapter: str | None) -> None:
         self._actors().set_adapter(adapter)

@@ -23,10 +23,11 @@ def job_cfg(tiny_model_dir, cache_dir, shared_data, tmp_path_factory):
         f"data.sources=[{{path: {shared_data}/hh_rlhf_harmless.jsonl.gz}}, {{path: {shared_data}/truthfulqa.csv}}]"])
 
 
-def test_job_resumes_in_round_two(job_cfg, ray_session, tmp_path):
+def test_job_resumes_in_round_two(job_cfg, ray_session, tmp_path, monkeypatch):
     from sparserm.align.cli import run_align
 
-    out = tmp_path / "align"
+    monkeypatch.chdir(tmp_path)
+    out = Path("align")  # relative, as a user types it: workers must still find the adapters
     first = run_align(job_cfg, out, stop_after=(2, "rm"))
     assert first["stopped"]
     assert json.loads((out / "state.json").read_text()) == {"rm": 1, "none": 1}
