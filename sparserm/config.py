@@ -197,7 +197,7 @@ class VLLMSpec:
 class AlignConfig:
     """Iterative alignment (``sparserm align``): generate -> filter by the RM -> DPO with LoRA, per round."""
 
-    rm_dir: str | None = None  # a SparseRM folder; None: `rm train` with this config (cached) into <out>/rm
+    rm_dir: str | None = None  # a SparseRM folder; None: `rm train` with this config (cached) into <out>/reward_model
     rounds: int = 5
     prompts_per_round: int = 400  # per task; each round draws fresh training prompts
     filters: tuple[str, ...] = ("rm", "none")  # rm: keep s_chosen >= s_rejected; none: the paper's WO-RM run

@@ -64,15 +64,18 @@ def _pair_logprobs(model, seqs: list[tuple], idx: list[int], pad_id: int, device
 
 
 def _adapter_state(model, stage: int) -> dict[str, torch.Tensor]:
+    """The adapter's weights on CPU; under ZeRO-3 the partitioned parameters are gathered on every rank."""
+    import contextlib
+
     from peft import get_peft_model_state_dict
 
-    if stage == 3:  # parameters are partitioned: gather the adapter's on every rank
+    gather = contextlib.nullcontext()
+    if stage == 3:
         import deepspeed
 
-        params = [p for p in model.parameters() if p.requires_grad]
-        with deepspeed.zero.GatheredParameters(params):
-            return {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
-    return {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+        gather = deepspeed.zero.GatheredParameters([p for p in model.parameters() if p.requires_grad])
+    with gather:
+        return {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
 def frozen_checksum(model) -> float:

@@ -52,9 +52,17 @@ class TokenGroup:
         return len(self.prefix) + sum(len(s) for s in self.suffixes)
 
 
+def messages_text(tokenizer, messages: list[dict], use_chat_template: bool) -> str:
+    """Chat messages as the prompt text: the chat template with the assistant turn opened, or, without a
+    template, the contents joined by blank lines."""
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return "\n\n".join(m["content"] for m in messages)
+
+
 def prompt_text(tokenizer, prompt: str, use_chat_template: bool) -> str:
     if use_chat_template and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(to_messages(prompt), add_generation_prompt=True, tokenize=False)
+        return messages_text(tokenizer, to_messages(prompt), True)
     return prompt
 
 

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from sparserm.model.text import TokenGroup, _bos, encode_group, truncate_group
+from sparserm.model.text import TokenGroup, _bos, encode_group, messages_text, truncate_group
 
 
 class Scorer:
@@ -52,10 +52,9 @@ class Scorer:
             group = encode_group(self.tok, prompt, list(responses), self.cfg.max_tokens, self.cfg.chat_template)
         elif self.templated:
             msgs = [{"role": m["role"], "content": m["content"]} for m in prompt]
-            ptext = self.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-            group = self.encode_templated(ptext, responses)
+            group = self.encode_templated(messages_text(self.tok, msgs, True), responses)
         else:  # no chat template: the messages' contents joined as one prompt string
-            text = "\n\n".join(m["content"] for m in prompt)
+            text = messages_text(self.tok, prompt, False)
             group = encode_group(self.tok, text, list(responses), self.cfg.max_tokens, False)
         return _check(group)
 

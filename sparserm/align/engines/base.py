@@ -17,11 +17,11 @@ class Sampling:
 
 def render(tokenizer, messages: list[dict], use_chat_template: bool = True) -> list[int]:
     """Token ids of a generation prompt (chat template with the assistant turn opened, or plain text)."""
-    if use_chat_template and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    text = "\n\n".join(m["content"] for m in messages)
-    return tokenizer(text)["input_ids"]
+    from sparserm.model.text import messages_text
+
+    templated = use_chat_template and bool(getattr(tokenizer, "chat_template", None))
+    # a chat template writes its own special tokens; plain text gets the tokenizer's (e.g. BOS)
+    return tokenizer(messages_text(tokenizer, messages, templated), add_special_tokens=not templated)["input_ids"]
 
 
 def clip_left(ids: list[int], max_tokens: int) -> list[int]:
