@@ -7,7 +7,7 @@ as separate texts. Achieved FLOP/s: FLOPs counted from the model's shapes over t
 actually computed, divided by the pipeline's wall time (Ray start excluded, actor start and model load
 included).
 
-    python benchmarks/extract_throughput.py [--pairs 80] [--max-tokens 256] [--config jobs/configs/quickstart.yaml]
+    python benchmarks/extract_throughput.py [--pairs 200] [--max-tokens 256] [--config jobs/configs/quickstart.yaml]
 
 The last line is one JSON object.
 """
@@ -65,7 +65,7 @@ def best_matmul_flops(shapes: list[tuple[int, int, int]], seconds: float = 1.0) 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="jobs/configs/quickstart.yaml")
-    ap.add_argument("--pairs", type=int, default=80)
+    ap.add_argument("--pairs", type=int, default=200)
     ap.add_argument("--max-tokens", type=int, default=256)
     args = ap.parse_args()
     cfg = load_config(args.config, [f"model.max_tokens={args.max_tokens}"])
@@ -104,7 +104,9 @@ def main() -> None:
     mean_ctx = sum(len(g.prefix) + len(s) for g in groups for s in g.suffixes) / (2 * len(groups)) / 2
     pipe_flops = n_shared * flops_per_token(mcfg, n_layers, mean_ctx)
     mean_len = int(n_shared / (3 * len(groups)))
-    best, table = best_matmul_flops(gemm_shapes(mcfg, max(mean_len, 16)) + gemm_shapes(mcfg, 256))
+    # the model's GEMMs at batch 1 (mean text length, 256 tokens) and at the packed forward's row count
+    best, table = best_matmul_flops(gemm_shapes(mcfg, max(mean_len, 16)) + gemm_shapes(mcfg, 256)
+                                    + gemm_shapes(mcfg, cfg.features.max_batch_tokens))
     result = {
         "pairs": len(rows), "tokens_both_texts": n_total, "tokens_computed_shared": n_shared,
         "naive_tokens_per_s": round(n_total / naive_s, 1), "pipeline_tokens_per_s": round(n_total / pipe_s, 1),

@@ -30,14 +30,15 @@ class DataSource:
     path: str  # a local file (.jsonl, .jsonl.gz, .csv, .parquet) or a hub dataset id
     format: str = "auto"  # auto | hh | truthfulqa | jsonl | parquet | hub
     max_pairs: int | None = None  # keep the first N valid pairs in file order
+    max_per_prompt: int | None = None  # first N pairs of each prompt (before max_pairs): more prompts covered
     split: str = "train"  # hub datasets only
 
 
 @dataclass(frozen=True)
 class DataConfig:
     sources: tuple[DataSource, ...] = (
-        DataSource(path="../shared/data/hh_rlhf_harmless.jsonl.gz", max_pairs=1000),
-        DataSource(path="../shared/data/truthfulqa.csv", max_pairs=1000),
+        DataSource(path="../shared/data/hh_rlhf_harmless.jsonl.gz"),
+        DataSource(path="../shared/data/truthfulqa.csv", max_per_prompt=2),
     )
     eval_fraction: float = 0.2  # share of prompts held out, chosen by a hash of the prompt
     split_salt: str = "sparserm"
@@ -68,9 +69,10 @@ class FeaturesConfig:
     num_actors: int = 1
     num_cpus_per_actor: float = 2.0
     num_gpus_per_actor: float = 0.0
-    batch_size: int = 8  # pairs per Ray Data batch handed to one actor call
+    batch_size: int = 32  # pairs per Ray Data batch handed to one actor call (split by max_batch_tokens)
     chunk_pairs: int = 500  # pairs per resumable chunk of the pass (one Ray Data job each)
-    share_prefix: bool = True  # run the shared prompt once, both responses on its KV cache
+    share_prefix: bool = True  # run the shared prompt once per pair (tree-masked packing)
+    max_batch_tokens: int = 4096  # padded tokens (rows x longest row) of one packed forward
     token_sample_rate: float = 0.5  # share of per-token residuals kept for SAE training
     max_sample_tokens: int = 150_000
     outlier_norm_factor: float = 10.0  # tokens with norm > factor x median norm are "massive" (excluded from SAE fit)
@@ -106,6 +108,8 @@ class RewardConfig:
     weight_decay: float = 0.0
     batch_size: int = 64
     val_fraction: float = 0.15  # of the training split, for choosing the best epoch
+    sweep_folds: int = 5  # `rm sweep`: (L, K) chosen by this many cross-validation folds of the training split
+    head_seeds: int = 3  # `rm ablate`: heads fitted per variant (mean, spread and paired intervals reported)
     num_workers: int = 1
     use_gpu: bool = False
 

@@ -3,7 +3,8 @@
 - ``contrastive`` (default): two generations per prompt, one under the task's chosen-side instruction and
   one under its rejected-side instruction (``prompts.INSTRUCTIONS``); the label comes from the instruction.
 - ``ranked``: ``n_samples`` plain generations per prompt, the RM's best as chosen and its worst as
-  rejected (best-of-n vs worst-of-n).
+  rejected (best-of-n vs worst-of-n); these pairs carry the scores they were ranked by, so the filter
+  does not score them again.
 Pairs with an empty or identical side are dropped and counted.
 """
 from __future__ import annotations
@@ -53,7 +54,8 @@ def make_pairs(pool, scorer, items: list[tuple[str, str]], a: AlignConfig, seed:
             block = list(range(k * n, (k + 1) * n))
             best = max(block, key=lambda i: scores[i])
             worst = min(block, key=lambda i: scores[i])
-            pair = {"prompt": prompt, "chosen": texts[best], "rejected": texts[worst], "task": task}
+            pair = {"prompt": prompt, "chosen": texts[best], "rejected": texts[worst], "task": task,
+                    "score_chosen": float(scores[best]), "score_rejected": float(scores[worst])}
             if _keep(pair, stats):
                 pairs.append(pair)
     stats["n_generated"] = len(gens)

@@ -104,10 +104,13 @@ class AlignJob:
         items = [(t.task, p) for t in self.tasks for p in round_prompts(t, r, self.a.prompts_per_round)]
         pairs, stats = make_pairs(self.pool, self.scorer, items, self.a, self.cfg.run.seed * 1000 + r)
         t1 = time.time()
-        s_w, s_l = ray.get(self.scorer.score_pairs.remote([p["prompt"] for p in pairs],
-                                                          [p["chosen"] for p in pairs], [p["rejected"] for p in pairs]))
-        for p, sw, sl in zip(pairs, s_w, s_l):
-            p.update(score_chosen=sw, score_rejected=sl)
+        unscored = [p for p in pairs if "score_chosen" not in p]  # ranked pairs come with their scores
+        if unscored:
+            s_w, s_l = ray.get(self.scorer.score_pairs.remote([p["prompt"] for p in unscored],
+                                                              [p["chosen"] for p in unscored],
+                                                              [p["rejected"] for p in unscored]))
+            for p, sw, sl in zip(unscored, s_w, s_l):
+                p.update(score_chosen=sw, score_rejected=sl)
         stats.update(generate_s=round(t1 - t0, 1), score_s=round(time.time() - t1, 1))
         write_json(folder / "generation.json", stats)
         write_jsonl(path, pairs)

@@ -262,10 +262,26 @@ def resolve_format(path: str, format: str = "auto") -> str:
                     f"set format to one of {'|'.join(LOADERS)}")
 
 
-def load_pairs(path: str, format: str = "auto", *, max_pairs: int | None = None, split: str = "train") -> LoadResult:
-    """Preference rows from ``path`` (a local file or a hub id); see the module docstring."""
-    if max_pairs is not None and max_pairs < 0:
-        raise ValueError(f"max_pairs must be >= 0 or None, got {max_pairs}")
+def load_pairs(path: str, format: str = "auto", *, max_pairs: int | None = None, split: str = "train",
+               max_per_prompt: int | None = None) -> LoadResult:
+    """Preference rows from ``path`` (a local file or a hub id); see the module docstring.
+
+    ``max_per_prompt`` keeps the first N valid pairs of each prompt (file order) before ``max_pairs``
+    applies, so a capped subsample of a many-pairs-per-question file (TruthfulQA) spans more questions;
+    the whole file is read then."""
+    for name, value in (("max_pairs", max_pairs), ("max_per_prompt", max_per_prompt)):
+        if value is not None and value < 0:
+            raise ValueError(f"{name} must be >= 0 or None, got {value}")
     path = str(path)
     fmt = resolve_format(path, format)
-    return LOADERS[fmt](path, max_pairs=max_pairs, split=split)
+    if max_per_prompt is None:
+        return LOADERS[fmt](path, max_pairs=max_pairs, split=split)
+    result = LOADERS[fmt](path, max_pairs=None, split=split)
+    seen: dict[str, int] = {}
+    kept = []
+    for row in result.rows:
+        seen[row["prompt"]] = seen.get(row["prompt"], 0) + 1
+        if seen[row["prompt"]] <= max_per_prompt and (max_pairs is None or len(kept) < max_pairs):
+            kept.append(row)
+    result.rows = kept
+    return result

@@ -1,8 +1,8 @@
 """The one model pass: Ray Data streams preference pairs through actors that hold the truncated backbone.
 
 Per text the actors emit the pooled residual of every configured layer and a seeded sample of per-token
-residuals (the SAE's training data). Chosen and rejected share their prompt: it runs once and both
-responses continue from its KV cache.
+residuals (the SAE's training data). Chosen and rejected share their prompt: it runs once, and several
+pairs go through the model in one packed forward (``model.forward.packed_states``).
 """
 from __future__ import annotations
 
@@ -36,15 +36,14 @@ class ResidualExtractor:
         self.seed = seed
 
     def _states(self, groups):
-        """TextStates for every text of every group: prefix-shared batch-1 passes, or one padded batch."""
-        from sparserm.model.forward import TextStates, batch_states, group_states
+        """TextStates of every text of every group: packed forwards within the token budget."""
+        from sparserm.model.forward import packed_states, token_batches
 
-        if self.cfg.share_prefix:
-            return [group_states(self.backbone, g, share_prefix=True) for g in groups]
-        seqs = [g.sequence(i) for g in groups for i in range(len(g.suffixes))]
-        flat = iter(batch_states(self.backbone, seqs))
-        return [[TextStates(g.sequence(i), len(g.prefix), next(flat)) for i in range(len(g.suffixes))]
-                for g in groups]
+        out = [None] * len(groups)
+        for idx in token_batches(groups, self.cfg.max_batch_tokens, self.cfg.share_prefix):
+            for i, texts in zip(idx, packed_states(self.backbone, [groups[i] for i in idx], self.cfg.share_prefix)):
+                out[i] = texts
+        return out
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from sparserm.model.text import encode_group
@@ -104,7 +103,7 @@ def extract_to_parquet(rows: list[dict], out_dir: str, model_cfg: ModelConfig, f
     Parquet shards into ``out_dir``. Rows are ordered by length so batches hold texts of similar size."""
     import ray
 
-    ordered = sorted(rows, key=lambda r: len(r["prompt"]) + max(len(r["chosen"]), len(r["rejected"])))
+    ordered = sorted(rows, key=lambda r: len(r["prompt"]) + len(r["chosen"]) + len(r["rejected"]))
     ds = ray.data.from_items(ordered, override_num_blocks=max(1, len(ordered) // max(1, features_cfg.batch_size)))
     ds = ds.map_batches(
         ResidualExtractor,

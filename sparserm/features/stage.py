@@ -28,7 +28,8 @@ class PreparedData:
 def prepare_data(cfg: Config) -> PreparedData:
     rows, rejects, summary, checksums = [], [], {}, {}
     for src in cfg.data.sources:
-        result = load_pairs(src.path, src.format, max_pairs=src.max_pairs, split=src.split)
+        result = load_pairs(src.path, src.format, max_pairs=src.max_pairs, split=src.split,
+                            max_per_prompt=src.max_per_prompt)
         for row in result.rows:
             row["split"] = "eval" if is_eval(row["prompt"], cfg.data.eval_fraction, cfg.data.split_salt) else "train"
         rows.extend(result.rows)
@@ -45,7 +46,8 @@ def cache_key(cfg: Config, checksums: dict[str, str]) -> str:
     m, f, d = cfg.model, cfg.features, cfg.data
     return stable_hash({
         "model": [m.name, m.gguf_file, m.revision, m.dtype, list(m.layers), m.pooling, m.max_tokens, m.chat_template],
-        "data": [[s.path, s.format, s.max_pairs, s.split, checksums[s.path]] for s in d.sources],
+        "data": [[s.path, s.format, s.max_pairs, s.split, checksums[s.path]] + ([s.max_per_prompt] if s.max_per_prompt else [])
+                 for s in d.sources],
         "split": [d.eval_fraction, d.split_salt],
         "sample": [f.token_sample_rate, cfg.run.seed],
     })

@@ -2,47 +2,88 @@
 
 Head inputs (top-K directions, random directions, raw SAE activations of the selected latents, the dense
 pooled state) with the configured loss; the three losses on the top-K inputs; a response-length baseline.
+Each variant is fitted with ``reward.head_seeds`` head seeds: the table gives the mean held-out accuracy
+and its spread over seeds, and SparseRM's difference to each other input with a paired bootstrap interval
+over the held-out pairs (per-pair correctness averaged over seeds), so a gap can be told from noise.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from sparserm.config import Config
 from sparserm.manifest import write_json, write_manifest
+from sparserm.reward.accuracy import paired_difference
 from sparserm.reward.inputs import head_inputs
 from sparserm.reward.losses import LOSSES
 from sparserm.reward.prepare import prepare_reward_data
-from sparserm.reward.stage import evaluate_head, fit_head, length_baseline
+from sparserm.reward.stage import accuracy_by_source, fit_head, head_scores, length_baseline
 
 INPUT_LABELS = {"topk": "SparseRM (top-K directions)", "random": "random directions", "raw_sae": "raw SAE activations",
                 "dense": "DenseRM (dense pooled state)"}
 
 
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    return float(t.mean()), float(t.std(unbiased=False)) if len(values) > 1 else 0.0
+
+
 def run_ablation(cfg: Config, out_dir: Path) -> Path:
     rd = prepare_reward_data(cfg, out_dir)
-    rows = []
+    seeds = [cfg.run.seed + i for i in range(max(1, cfg.reward.head_seeds))]
+    rows, correct = [], {}
     variants = [(name, cfg.reward.loss) for name in INPUT_LABELS] + \
                [("topk", loss) for loss in LOSSES if loss != cfg.reward.loss]
     for inputs, loss in variants:
         name = f"{inputs}-{loss}"
-        print(f"[ablate] {name}", flush=True)
-        result = fit_head(cfg, rd, out_dir, inputs=inputs, loss=loss, name=name, progress=False)
-        acc = evaluate_head(result, head_inputs(inputs, rd, rd.eval), rd.eval)
-        rows.append({"variant": f"{INPUT_LABELS[inputs]}, {loss} loss", "inputs": inputs, "loss": loss,
-                     "in_dim": int(head_inputs(inputs, rd, rd.val)["x_w"].shape[1]), "best_epoch": result.best_epoch,
-                     "accuracy": acc})
-    rows.append({"variant": "response length (longer wins)", "inputs": "length", "loss": None, "in_dim": 1,
-                 "best_epoch": None, "accuracy": length_baseline(rd.eval)})
+        x_eval = head_inputs(inputs, rd, rd.eval)
+        per_seed, hits, epochs = [], [], []
+        for seed in seeds:
+            print(f"[ablate] {name} seed {seed}", flush=True)
+            result = fit_head(cfg, rd, out_dir, inputs=inputs, loss=loss, name=f"{name}-s{seed}", seed=seed,
+                              progress=False)
+            s_w, s_l = head_scores(result, x_eval)
+            per_seed.append(accuracy_by_source(s_w, s_l, rd.eval))
+            hits.append((s_w > s_l).double())
+            epochs.append(result.best_epoch)
+        correct[name] = torch.stack(hits).mean(0)
+        stats = {src: _mean_std([a[src] for a in per_seed]) for src in per_seed[0]}
+        rows.append({"variant": f"{INPUT_LABELS[inputs]}, {loss} loss", "name": name, "inputs": inputs, "loss": loss,
+                     "in_dim": int(x_eval["x_w"].shape[1]), "best_epochs": epochs,
+                     "accuracy": {src: m for src, (m, _) in stats.items()},
+                     "accuracy_std": {src: s for src, (_, s) in stats.items()}, "per_seed": per_seed})
+    rows.append({"variant": "response length (longer wins)", "name": "length", "inputs": "length", "loss": None,
+                 "in_dim": 1, "best_epochs": None, "accuracy": length_baseline(rd.eval), "accuracy_std": {}})
+    ref = f"topk-{cfg.reward.loss}"
+    gaps = {}
+    for other in ("random", "raw_sae", "dense"):
+        name = f"{other}-{cfg.reward.loss}"
+        gaps[other] = {"all": paired_difference(correct[ref], correct[name], seed=cfg.run.seed)}
+        for src in sorted(set(rd.eval.source.tolist())):
+            m = torch.as_tensor(rd.eval.source == src)
+            gaps[other][str(src)] = paired_difference(correct[ref][m], correct[name][m], seed=cfg.run.seed)
     sources = sorted({k for r in rows for k in r["accuracy"]} - {"all"}) + ["all"]
-    write_json(out_dir / "ablation.json", {"rows": rows, "n_pairs": {"train": len(rd.train), "val": len(rd.val),
-                                                                      "eval": len(rd.eval)}, "sae": rd.sae_metrics})
+    write_json(out_dir / "ablation.json", {"rows": rows, "seeds": seeds, "sparserm_minus": gaps,
+                                           "n_pairs": {"train": len(rd.train), "val": len(rd.val), "eval": len(rd.eval)},
+                                           "sae": rd.sae_metrics})
     lines = ["# SparseRM ablation (held-out accuracy)", "",
              f"Backbone `{cfg.model.name}` layer {cfg.model.layer}, K = {cfg.reward.top_k}; "
-             f"{len(rd.train)} train / {len(rd.val)} val / {len(rd.eval)} eval pairs.", "",
+             f"{len(rd.train)} train / {len(rd.val)} val / {len(rd.eval)} eval pairs; mean ± spread over head "
+             f"seeds {seeds}.", "",
              "| variant | " + " | ".join(sources) + " |", "| --- |" + " --- |" * len(sources)]
     for r in rows:
-        lines.append(f"| {r['variant']} | " + " | ".join(f"{r['accuracy'].get(s, float('nan')):.3f}" for s in sources) + " |")
+        cells = [f"{r['accuracy'][s]:.3f}" + (f" ± {r['accuracy_std'][s]:.3f}" if s in r["accuracy_std"] and len(seeds) > 1
+                                              else "") if s in r["accuracy"] else "–" for s in sources]
+        lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
+    lines += ["", "SparseRM minus each other input (same loss), in accuracy points, with a 95% paired bootstrap "
+                  "interval over the held-out pairs:", "",
+              "| SparseRM minus | " + " | ".join(sources) + " |", "| --- |" + " --- |" * len(sources)]
+    for other, by_src in gaps.items():
+        cells = [f"{100 * by_src[s]['diff']:+.1f} [{100 * by_src[s]['lo']:+.1f}, {100 * by_src[s]['hi']:+.1f}]"
+                 for s in sources]
+        lines.append(f"| {INPUT_LABELS[other]} | " + " | ".join(cells) + " |")
     (out_dir / "ablation.md").write_text("\n".join(lines) + "\n")
-    write_manifest(out_dir, cfg, "rm-ablate", inputs=rd.cache.summary.get("inputs", {}))
+    write_manifest(out_dir, cfg, "rm-ablate", inputs=rd.cache.summary.get("inputs", {}), extra={"seeds": seeds})
     print("\n".join(lines), flush=True)
     return out_dir / "ablation.md"

@@ -69,18 +69,23 @@ class SparseRM:
         return self.head(project(h.float(), self.dirs.to(h.device))).float()
 
     @torch.no_grad()
+    def pooled_groups(self, groups: list, max_batch_tokens: int = 4096) -> list[torch.Tensor]:
+        """Pooled states [n_responses, d] of token groups, from packed forwards within the token budget."""
+        from sparserm.model.forward import packed_states, token_batches
+
+        out: list = [None] * len(groups)
+        for idx in token_batches(groups, max_batch_tokens):
+            for i, texts in zip(idx, packed_states(self.backbone, [groups[i] for i in idx])):
+                out[i] = torch.stack([t.pooled(self.model_cfg.layer, self.model_cfg.pooling) for t in texts])
+        return out
+
     def pooled_states(self, prompts: list[str], responses: list[list[str]]) -> list[torch.Tensor]:
-        """Pooled states for groups: prompt i with its responses (sharing the prompt's KV cache)."""
-        from sparserm.model.forward import group_states
+        """Pooled states for groups: prompt i with its responses (the prompt computed once per group)."""
         from sparserm.model.text import encode_group
 
         bb, cfg = self.backbone, self.model_cfg
-        out = []
-        for prompt, resp in zip(prompts, responses):
-            group = encode_group(bb.tokenizer, prompt, list(resp), cfg.max_tokens, cfg.chat_template)
-            texts = group_states(bb, group, share_prefix=True)
-            out.append(torch.stack([t.pooled(cfg.layer, cfg.pooling) for t in texts]))
-        return out
+        return self.pooled_groups([encode_group(bb.tokenizer, prompt, list(resp), cfg.max_tokens, cfg.chat_template)
+                                   for prompt, resp in zip(prompts, responses)])
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         if len(prompts) != len(responses):

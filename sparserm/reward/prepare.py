@@ -29,6 +29,7 @@ class PairSet:
     source: np.ndarray
     len_w: np.ndarray  # tokens of the response-bearing texts (for the length baseline)
     len_l: np.ndarray
+    prompt_id: np.ndarray  # pairs of one prompt share it (splits and folds go by prompt)
 
     def __len__(self) -> int:
         return len(self.row_id)
@@ -36,7 +37,16 @@ class PairSet:
     def take(self, mask: np.ndarray) -> "PairSet":
         m = torch.as_tensor(mask)
         return PairSet(self.h_w[m], self.h_l[m], self.row_id[mask], self.source[mask], self.len_w[mask],
-                       self.len_l[mask])
+                       self.len_l[mask], self.prompt_id[mask])
+
+    def join(self, other: "PairSet") -> "PairSet":
+        return PairSet(torch.cat([self.h_w, other.h_w]), torch.cat([self.h_l, other.h_l]),
+                       *(np.concatenate([getattr(self, f), getattr(other, f)])
+                         for f in ("row_id", "source", "len_w", "len_l", "prompt_id")))
+
+    def folds(self, n: int, salt: str) -> np.ndarray:
+        """Fold index in [0, n) of every pair, by a hash of its prompt (a prompt's pairs share a fold)."""
+        return np.array([min(int(_unit_hash(p, salt + ":fold") * n), n - 1) for p in self.prompt_id], dtype=np.int64)
 
 
 @dataclass
@@ -59,7 +69,7 @@ def pair_sets(table: PooledTable, val_fraction: float, salt: str) -> tuple[PairS
     iw, il = table.pair_index()
     meta = table.meta
     pairs = PairSet(table.states[torch.as_tensor(iw)], table.states[torch.as_tensor(il)], meta["row_id"][iw],
-                    meta["source"][iw], meta["n_tokens"][iw], meta["n_tokens"][il])
+                    meta["source"][iw], meta["n_tokens"][iw], meta["n_tokens"][il], meta["prompt_id"][iw])
     split = meta["split"][iw]
     val = np.array([_unit_hash(p, salt + ":val") < val_fraction for p in meta["prompt_id"][iw]])
     return pairs.take((split == "train") & ~val), pairs.take((split == "train") & val), pairs.take(split == "eval")

@@ -21,11 +21,12 @@ from sparserm.reward.train_head import TrainHeadResult, train_head
 
 
 def fit_head(cfg: Config, rd: RewardData, out_dir: Path, *, inputs: str = "topk", loss: str | None = None,
-             name: str = "head", progress: bool = True) -> TrainHeadResult:
+             name: str = "head", progress: bool = True, seed: int | None = None) -> TrainHeadResult:
     r = cfg.reward
     return train_head(head_inputs(inputs, rd, rd.train), head_inputs(inputs, rd, rd.val), loss=loss or r.loss,
                       margin=r.margin, hidden=r.hidden, epochs=r.epochs, lr=r.lr, weight_decay=r.weight_decay,
-                      batch_size=r.batch_size, num_workers=r.num_workers, use_gpu=r.use_gpu, seed=cfg.run.seed,
+                      batch_size=r.batch_size, num_workers=r.num_workers, use_gpu=r.use_gpu,
+                      seed=cfg.run.seed if seed is None else seed,
                       storage_dir=out_dir / "train", name=name, progress=progress, ray_address=cfg.run.ray_address)
 
 
@@ -37,9 +38,13 @@ def accuracy_by_source(s_w: torch.Tensor, s_l: torch.Tensor, pairs: PairSet) -> 
     return out
 
 
-def evaluate_head(result: TrainHeadResult, x: dict[str, torch.Tensor], pairs: PairSet) -> dict[str, float]:
+def head_scores(result: TrainHeadResult, x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
-        return accuracy_by_source(result.head(x["x_w"]), result.head(x["x_l"]), pairs)
+        return result.head(x["x_w"]), result.head(x["x_l"])
+
+
+def evaluate_head(result: TrainHeadResult, x: dict[str, torch.Tensor], pairs: PairSet) -> dict[str, float]:
+    return accuracy_by_source(*head_scores(result, x), pairs)
 
 
 def sae_info(cfg: Config, rd: RewardData) -> dict:

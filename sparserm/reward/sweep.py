@@ -3,10 +3,13 @@ manual search).
 
 One truncated pass to the deepest candidate layer (``model.layer`` plus ``model.extra_layers``) gives every
 candidate layer's states at no extra model cost; for a trained SAE (the embedded default) each candidate
-layer gets its own SAE, trained from that same pass's token sample. For each (L, K in ``reward.sweep_k``)
-the head is fitted on the training split and scored on the validation split; the best validation accuracy
-(ties: lower validation loss) picks (L, K). Held-out accuracies are reported for every cell but never used
-to choose.
+layer gets its own SAE, trained from that same pass's token sample. Each (L, K in ``reward.sweep_k``) is
+scored by ``reward.sweep_folds``-fold cross-validation over the training split (train + validation pairs,
+folds by prompt): a head per fold is fitted on the other folds, its best epoch chosen and its accuracy
+taken on its own fold. The best mean fold accuracy (ties: lower mean loss) picks (L, K). A single
+validation split of a few hundred pairs moves by several points with the split and the seed and would
+pick on noise; cross-validation scores every training pair once. Held-out accuracies (the mean over the
+fold heads) are reported for every cell but never used to choose.
 """
 from __future__ import annotations
 
@@ -22,6 +25,10 @@ from sparserm.reward.prepare import prepare_reward_data
 from sparserm.reward.stage import evaluate_head, fit_head
 
 
+def _mean(values: list[float]) -> float:
+    return float(sum(values) / len(values))
+
+
 def layer_config(cfg: Config, layer: int) -> Config:
     """``cfg`` reading ``layer`` from the same pass (the layer set, hence the activation cache, is unchanged)."""
     layers = cfg.model.layers
@@ -32,9 +39,14 @@ def layer_config(cfg: Config, layer: int) -> Config:
 def run_sweep(cfg: Config, out_dir: Path) -> Path:
     cache = run_features(cfg, out_dir)  # one pass, to the deepest candidate layer
     rows = []
+    n_folds = cfg.reward.sweep_folds
+    if n_folds < 2:
+        raise ValueError(f"reward.sweep_folds must be >= 2, got {n_folds}")
     for layer in cfg.model.layers:
         cfg_l = layer_config(cfg, layer)
         rd = prepare_reward_data(cfg_l, out_dir, cache=cache)
+        pool = rd.train.join(rd.val)
+        fold = pool.folds(n_folds, cfg.data.split_salt)
         w_dec = rd.sae.W_dec.detach().cpu().float()
         for k in cfg.reward.sweep_k:
             if 2 * k > w_dec.shape[0]:
@@ -42,11 +54,17 @@ def run_sweep(cfg: Config, out_dir: Path) -> Path:
                 continue
             pos, neg = select_latents(rd.freqs.mu_w, rd.freqs.mu_l, k)
             rd_k = dataclasses.replace(rd, pos_ids=pos, neg_ids=neg, dirs=directions(w_dec, pos, neg))
-            result = fit_head(cfg_l, rd_k, out_dir, name=f"L{layer}-K{k}", progress=False)
-            best = result.history[result.best_epoch - 1]
-            row = {"layer": layer, "k": k, "val_accuracy": best["val_accuracy"], "val_loss": best["val_loss"],
-                   "best_epoch": result.best_epoch,
-                   "eval_accuracy": evaluate_head(result, head_inputs("topk", rd_k, rd_k.eval), rd_k.eval),
+            fits, val_rows, evals = [], [], []
+            for f in range(n_folds):
+                rd_f = dataclasses.replace(rd_k, train=pool.take(fold != f), val=pool.take(fold == f))
+                fit = fit_head(cfg_l, rd_f, out_dir, name=f"L{layer}-K{k}-fold{f}", progress=False)
+                fits.append(fit)
+                val_rows.append(fit.history[fit.best_epoch - 1])
+                evals.append(evaluate_head(fit, head_inputs("topk", rd_f, rd_f.eval), rd_f.eval))
+            row = {"layer": layer, "k": k, "val_accuracy": _mean([b["val_accuracy"] for b in val_rows]),
+                   "val_loss": _mean([b["val_loss"] for b in val_rows]), "best_epochs": [f.best_epoch for f in fits],
+                   "fold_accuracy": [b["val_accuracy"] for b in val_rows],
+                   "eval_accuracy": {src: _mean([e[src] for e in evals]) for src in evals[0]},
                    "sae": {key: rd.sae_metrics.get(key) for key in ("fvu", "l0", "dead_fraction")}}
             rows.append(row)
             print(f"[sweep] layer {layer} K={k}: val {row['val_accuracy']:.4f} eval {row['eval_accuracy']['all']:.4f}",
@@ -55,12 +73,13 @@ def run_sweep(cfg: Config, out_dir: Path) -> Path:
         raise ValueError("rm sweep: no (layer, K) cell could be fitted; check reward.sweep_k against the SAE width")
     chosen = max(rows, key=lambda r: (r["val_accuracy"], -r["val_loss"]))
     write_json(out_dir / "sweep.json", {"rows": rows, "chosen": {"layer": chosen["layer"], "k": chosen["k"]},
-                                        "n_pairs": {"train": len(rd.train), "val": len(rd.val), "eval": len(rd.eval)}})
+                                        "n_pairs": {"train": len(pool), "folds": n_folds, "eval": len(rd.eval)}})
     sources = sorted({s for r in rows for s in r["eval_accuracy"]} - {"all"}) + ["all"]
-    lines = ["# SparseRM sweep over layer L and K (chosen on validation accuracy)", "",
+    lines = ["# SparseRM sweep over layer L and K (chosen by cross-validation on the training split)", "",
              f"Backbone `{cfg.model.name}`; one pass to layer {max(cfg.model.layers)}; "
-             f"{len(rd.train)} train / {len(rd.val)} val / {len(rd.eval)} eval pairs.", "",
-             "| layer | K | val acc | " + " | ".join(f"eval {s}" for s in sources) + " | SAE fvu |",
+             f"{len(pool)} training pairs in {n_folds} cross-validation folds (by prompt); {len(rd.eval)} held-out "
+             f"pairs (mean over the fold heads).", "",
+             "| layer | K | CV acc | " + " | ".join(f"eval {s}" for s in sources) + " | SAE fvu |",
              "| --- | --- | --- |" + " --- |" * len(sources) + " --- |"]
     for r in rows:
         mark = " **(chosen)**" if r is chosen else ""

@@ -1,8 +1,8 @@
 """Scoring for the service, split into tokenization (per request) and the model pass (per batch).
 
 Every item is encoded and scored exactly as :meth:`SparseRM.score` / :meth:`SparseRM.score_pairs` do (one
-token group per item, run at batch 1 with prefix sharing), so served scores equal in-process scores; batching
-only changes which items share one call of the head (row-independent, float rounding only).
+token group per item, its prompt computed once), so served scores equal in-process scores; batching only
+changes which items share one packed forward (row-independent, float rounding only).
 
 OpenRLHF queries (``POST /get_reward``) are full texts. The rule, deterministic:
 
@@ -87,15 +87,10 @@ class Scorer:
     @torch.no_grad()
     def score_groups(self, groups: list[TokenGroup]) -> list[list[float]]:
         """Scores of every response of every group, one list per group."""
-        from sparserm.model.forward import group_states
-
         if not groups:
             return []
-        pooled = []
-        for g in groups:
-            texts = group_states(self.bb, g, share_prefix=True)
-            pooled.extend(t.pooled(self.cfg.layer, self.cfg.pooling) for t in texts)
-        scores = self.rm.score_states(torch.stack(pooled)).tolist()
+        pooled = self.rm.pooled_groups(groups)
+        scores = self.rm.score_states(torch.cat(pooled)).tolist()
         out, i = [], 0
         for g in groups:
             out.append(scores[i: i + len(g.suffixes)])

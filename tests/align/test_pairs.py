@@ -1,4 +1,5 @@
 """Pair construction with real actors on the tiny model: contrastive and ranked (RM best vs worst of n)."""
+import pytest
 import ray
 
 from sparserm.align.pairs import make_pairs
@@ -26,3 +27,5 @@ def test_contrastive_and_ranked_pairs(tiny_align_config, tiny_model_dir, ray_ses
     for p in pairs:  # chosen is the RM's best sample, rejected its worst
         s_w, s_l = ray.get(scorer.score.remote([p["prompt"]] * 2, [p["chosen"], p["rejected"]]))
         assert s_w >= s_l
+        # the pair carries the scores it was ranked by, so the filter needs no second RM pass
+        assert p["score_chosen"] == pytest.approx(s_w, abs=1e-5) and p["score_rejected"] == pytest.approx(s_l, abs=1e-5)

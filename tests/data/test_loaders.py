@@ -187,6 +187,13 @@ def test_truthfulqa_pairing_small_csv(tmp_path):
     assert reasons_by_line(res) == {2: "no_incorrect_answer", 3: "no_correct_answer"}
     assert res.n_read == 6
     assert len(load_pairs(str(path), max_pairs=2).rows) == 2
+    # per-prompt cap first, then max_pairs: more questions covered by a capped sample
+    capped = load_pairs(str(path), max_per_prompt=1)
+    assert [r["row_id"] for r in capped.rows] == ["tqa.csv:0:0", "tqa.csv:1:0"]
+    assert [r["row_id"] for r in load_pairs(str(path), max_pairs=2, max_per_prompt=2).rows] == ["tqa.csv:0:0", "tqa.csv:0:1"]
+    assert capped.reason_counts() == res.reason_counts()  # rows left out by the cap are not rejects
+    with pytest.raises(ValueError, match="max_per_prompt"):
+        load_pairs(str(path), max_per_prompt=-1)
     mc = load_truthfulqa_mc(str(path))
     assert [(q.question, q.best_answer, q.correct, q.incorrect) for q in mc] == [
         ("Q1?", "c1", ["c1", "c2"], ["i1", "i2", "i3"]),

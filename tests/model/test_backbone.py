@@ -3,7 +3,7 @@ import torch
 
 from sparserm.config import ModelConfig
 from sparserm.model.backbone import BackboneError, load_backbone, load_causal_lm
-from sparserm.model.forward import batch_states, group_states, pool
+from sparserm.model.forward import group_states, packed_states, pool, token_batches, tree_mask
 from sparserm.model.text import encode_group, to_messages, truncate_group
 
 
@@ -49,18 +49,46 @@ def test_truncated_backbone_matches_full_model(tiny_backbone, tiny_model_dir, ca
     assert torch.allclose(got.states[0], ref[1][0], atol=1e-5)
 
 
-def test_prefix_sharing_equals_unshared_and_batched(tiny_backbone):
+def _separate(backbone, ids: list[int]) -> dict[int, torch.Tensor]:
+    """The reference: one text alone, batch 1, no mask, no position ids."""
+    with torch.no_grad():
+        out = backbone.model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+    return {layer: out.hidden_states[layer + 1][0] for layer in backbone.layers}
+
+
+def test_packed_groups_equal_separate_passes(tiny_backbone):
     tok = tiny_backbone.tokenizer
-    group = encode_group(tok, "\n\nHuman: tell me a joke\n\nAssistant:", ["why did the chicken", "I won't help."], 64)
-    assert len(group.prefix) > 0 and group.n_tokens_shared < group.n_tokens_total
-    shared = group_states(tiny_backbone, group, share_prefix=True)
-    unshared = group_states(tiny_backbone, group, share_prefix=False)
-    batched = batch_states(tiny_backbone, [group.sequence(0), group.sequence(1)])
-    for s, u, b in zip(shared, unshared, batched):
-        assert s.token_ids == u.token_ids
-        for layer in (0, 2):
-            assert torch.allclose(s.states[layer], u.states[layer], atol=1e-4)
-            assert torch.allclose(b[layer], u.states[layer], atol=1e-4)
+    groups = [encode_group(tok, "\n\nHuman: tell me a joke\n\nAssistant:", ["why did the chicken", "I won't help."], 64),
+              encode_group(tok, "What is 2+2?", ["4", "Four, of course: two and two make four.", "5"], 64),
+              encode_group(tok, "Say hi", ["hi"], 64)]
+    assert all(len(g.prefix) > 0 for g in groups) and groups[0].n_tokens_shared < groups[0].n_tokens_total
+    for share in (True, False):
+        packed = packed_states(tiny_backbone, groups, share_prefix=share)
+        assert [len(p) for p in packed] == [2, 3, 1]
+        for g, texts in zip(groups, packed):
+            for j, text in enumerate(texts):
+                assert text.token_ids == g.sequence(j) and text.response_start == len(g.prefix)
+                ref = _separate(tiny_backbone, g.sequence(j))
+                for layer in (0, 2):
+                    assert text.states[layer].shape == ref[layer].shape
+                    assert torch.allclose(text.states[layer], ref[layer], atol=1e-4)
+
+
+def test_tree_mask_keeps_siblings_apart_and_pads_inert():
+    seg = torch.tensor([[0, 0, 1, 1, 2, -1]])
+    m = tree_mask(seg, seg >= 0, torch.float32)[0, 0] == 0  # True where attention is allowed
+    assert m[3].tolist() == [True, True, True, True, False, False]  # response 1 sees prompt and itself
+    assert m[4].tolist() == [True, True, False, False, True, False]  # response 2 never sees response 1
+    assert m[5].tolist() == [False] * 5 + [True] and not m[:5, 5].any()  # the pad is inert
+
+
+def test_token_batches_respect_the_budget(tiny_backbone):
+    tok = tiny_backbone.tokenizer
+    groups = [encode_group(tok, "q" * n, ["a b c", "d e"], 64) for n in (5, 10, 40, 40, 80)]
+    batches = token_batches(groups, 120)
+    assert sum(batches, []) == list(range(5))
+    for b in batches:
+        assert len(b) == 1 or len(b) * max(groups[i].n_tokens_shared for i in b) <= 120
 
 
 def test_last_pooling_lands_on_the_response_not_the_template(tiny_backbone):

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from sparserm.reward.accuracy import pair_accuracy
+from sparserm.reward.accuracy import pair_accuracy, paired_difference
 from sparserm.reward.head import RewardHead, load_head, save_head
 from sparserm.reward.losses import LOSSES, get_loss
 
@@ -70,3 +70,15 @@ def test_constant_column_does_not_explode():
     x[:, 1] = 5.0
     head = RewardHead(3, 4).fit_standardization(x)
     assert head.x_std[1] == 1.0 and torch.isfinite(head(x)).all()
+
+
+def test_paired_difference_and_its_bootstrap_interval():
+    assert paired_difference([1.0, 1.0, 1.0], [0.0, 0.0, 0.0]) == {"diff": 1.0, "lo": 1.0, "hi": 1.0}
+    a = torch.tensor([1.0, 0.0] * 200)
+    b = torch.tensor([1.0, 1.0] * 200)
+    gap = paired_difference(a, b, n_boot=500)
+    assert gap["diff"] == pytest.approx(-0.5) and gap["lo"] < -0.5 < gap["hi"] and gap["hi"] - gap["lo"] < 0.15
+    # identical models: zero difference whatever the resample
+    assert paired_difference(a, a) == {"diff": 0.0, "lo": 0.0, "hi": 0.0}
+    with pytest.raises(ValueError, match="one length"):
+        paired_difference([1.0], [1.0, 0.0])
