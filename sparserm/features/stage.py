@@ -46,8 +46,9 @@ def cache_key(cfg: Config, checksums: dict[str, str]) -> str:
     m, f, d = cfg.model, cfg.features, cfg.data
     return stable_hash({
         "model": [m.name, m.gguf_file, m.revision, m.dtype, list(m.layers), m.pooling, m.max_tokens, m.chat_template],
-        "data": [[s.path, s.format, s.max_pairs, s.split, checksums[s.path]] + ([s.max_per_prompt] if s.max_per_prompt else [])
-                 for s in d.sources],
+        # max_per_prompt joins the key only when set, so caches made before it existed stay valid
+        "data": [[s.path, s.format, s.max_pairs, s.split, checksums[s.path]]
+                 + ([s.max_per_prompt] if s.max_per_prompt else []) for s in d.sources],
         "split": [d.eval_fraction, d.split_salt],
         "sample": [f.token_sample_rate, cfg.run.seed],
     })

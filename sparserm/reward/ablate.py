@@ -29,6 +29,16 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(t.mean()), float(t.std(unbiased=False)) if len(values) > 1 else 0.0
 
 
+def _cell(row: dict, source: str, n_seeds: int) -> str:
+    """``mean ± spread`` (the spread only with several seeds), or a dash where the variant has no value."""
+    if source not in row["accuracy"]:
+        return "–"
+    text = f"{row['accuracy'][source]:.3f}"
+    if n_seeds > 1 and source in row["accuracy_std"]:
+        text += f" ± {row['accuracy_std'][source]:.3f}"
+    return text
+
+
 def run_ablation(cfg: Config, out_dir: Path) -> Path:
     rd = prepare_reward_data(cfg, out_dir)
     seeds = [cfg.run.seed + i for i in range(max(1, cfg.reward.head_seeds))]
@@ -64,8 +74,8 @@ def run_ablation(cfg: Config, out_dir: Path) -> Path:
             m = torch.as_tensor(rd.eval.source == src)
             gaps[other][str(src)] = paired_difference(correct[ref][m], correct[name][m], seed=cfg.run.seed)
     sources = sorted({k for r in rows for k in r["accuracy"]} - {"all"}) + ["all"]
-    write_json(out_dir / "ablation.json", {"rows": rows, "seeds": seeds, "sparserm_minus": gaps,
-                                           "n_pairs": {"train": len(rd.train), "val": len(rd.val), "eval": len(rd.eval)},
+    n_pairs = {"train": len(rd.train), "val": len(rd.val), "eval": len(rd.eval)}
+    write_json(out_dir / "ablation.json", {"rows": rows, "seeds": seeds, "sparserm_minus": gaps, "n_pairs": n_pairs,
                                            "sae": rd.sae_metrics})
     lines = ["# SparseRM ablation (held-out accuracy)", "",
              f"Backbone `{cfg.model.name}` layer {cfg.model.layer}, K = {cfg.reward.top_k}; "
@@ -73,8 +83,7 @@ def run_ablation(cfg: Config, out_dir: Path) -> Path:
              f"seeds {seeds}.", "",
              "| variant | " + " | ".join(sources) + " |", "| --- |" + " --- |" * len(sources)]
     for r in rows:
-        cells = [f"{r['accuracy'][s]:.3f}" + (f" ± {r['accuracy_std'][s]:.3f}" if s in r["accuracy_std"] and len(seeds) > 1
-                                              else "") if s in r["accuracy"] else "–" for s in sources]
+        cells = [_cell(r, s, len(seeds)) for s in sources]
         lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
     lines += ["", "SparseRM minus each other input (same loss), in accuracy points, with a 95% paired bootstrap "
                   "interval over the held-out pairs:", "",
