@@ -37,13 +37,9 @@ class ResidualExtractor:
 
     def _states(self, groups):
         """TextStates of every text of every group: packed forwards within the token budget."""
-        from sparserm.model.forward import packed_states, token_batches
+        from sparserm.model.forward import packed_states
 
-        out = [None] * len(groups)
-        for idx in token_batches(groups, self.cfg.max_batch_tokens, self.cfg.share_prefix):
-            for i, texts in zip(idx, packed_states(self.backbone, [groups[i] for i in idx], self.cfg.share_prefix)):
-                out[i] = texts
-        return out
+        return packed_states(self.backbone, groups, self.cfg.share_prefix, self.cfg.max_batch_tokens)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from sparserm.model.text import encode_group

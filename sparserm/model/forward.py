@@ -89,9 +89,20 @@ def tree_mask(segments: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype) -
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
+def packed_states(backbone: Backbone, groups: list[TokenGroup], share_prefix: bool = True,
+                  max_batch_tokens: int | None = None) -> list[list[TextStates]]:
+    """TextStates of every response of every group, in order (see the module docstring): one batched forward,
+    or, with ``max_batch_tokens``, one per run of groups that fits that padded size (``token_batches``)."""
+    if max_batch_tokens is None:
+        return _packed_forward(backbone, groups, share_prefix)
+    out: list = []
+    for idx in token_batches(groups, max_batch_tokens, share_prefix):
+        out.extend(_packed_forward(backbone, [groups[i] for i in idx], share_prefix))
+    return out
+
+
 @torch.inference_mode()
-def packed_states(backbone: Backbone, groups: list[TokenGroup], share_prefix: bool = True) -> list[list[TextStates]]:
-    """TextStates of every response of every group, from one batched forward (see the module docstring)."""
+def _packed_forward(backbone: Backbone, groups: list[TokenGroup], share_prefix: bool) -> list[list[TextStates]]:
     if not groups:
         return []
     rows, texts = _rows(groups, share_prefix)

@@ -9,6 +9,7 @@ over the held-out pairs (per-pair correctness averaged over seeds), so a gap can
 from __future__ import annotations
 
 from pathlib import Path
+from statistics import fmean, pstdev
 
 import torch
 
@@ -22,11 +23,6 @@ from sparserm.reward.stage import accuracy_by_source, fit_head, head_scores, len
 
 INPUT_LABELS = {"topk": "SparseRM (top-K directions)", "random": "random directions", "raw_sae": "raw SAE activations",
                 "dense": "DenseRM (dense pooled state)"}
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    return float(t.mean()), float(t.std(unbiased=False)) if len(values) > 1 else 0.0
 
 
 def _cell(row: dict, source: str, n_seeds: int) -> str:
@@ -58,11 +54,11 @@ def run_ablation(cfg: Config, out_dir: Path) -> Path:
             hits.append((s_w > s_l).double())
             epochs.append(result.best_epoch)
         correct[name] = torch.stack(hits).mean(0)
-        stats = {src: _mean_std([a[src] for a in per_seed]) for src in per_seed[0]}
         rows.append({"variant": f"{INPUT_LABELS[inputs]}, {loss} loss", "name": name, "inputs": inputs, "loss": loss,
                      "in_dim": int(x_eval["x_w"].shape[1]), "best_epochs": epochs,
-                     "accuracy": {src: m for src, (m, _) in stats.items()},
-                     "accuracy_std": {src: s for src, (_, s) in stats.items()}, "per_seed": per_seed})
+                     "accuracy": {src: fmean(a[src] for a in per_seed) for src in per_seed[0]},
+                     "accuracy_std": {src: pstdev(a[src] for a in per_seed) for src in per_seed[0]},
+                     "per_seed": per_seed})
     rows.append({"variant": "response length (longer wins)", "name": "length", "inputs": "length", "loss": None,
                  "in_dim": 1, "best_epochs": None, "accuracy": length_baseline(rd.eval), "accuracy_std": {}})
     ref = f"topk-{cfg.reward.loss}"

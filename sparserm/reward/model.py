@@ -71,13 +71,11 @@ class SparseRM:
     @torch.no_grad()
     def pooled_groups(self, groups: list, max_batch_tokens: int = 4096) -> list[torch.Tensor]:
         """Pooled states [n_responses, d] of token groups, from packed forwards within the token budget."""
-        from sparserm.model.forward import packed_states, token_batches
+        from sparserm.model.forward import packed_states
 
-        out: list = [None] * len(groups)
-        for idx in token_batches(groups, max_batch_tokens):
-            for i, texts in zip(idx, packed_states(self.backbone, [groups[i] for i in idx])):
-                out[i] = torch.stack([t.pooled(self.model_cfg.layer, self.model_cfg.pooling) for t in texts])
-        return out
+        cfg = self.model_cfg
+        return [torch.stack([t.pooled(cfg.layer, cfg.pooling) for t in texts])
+                for texts in packed_states(self.backbone, groups, max_batch_tokens=max_batch_tokens)]
 
     def pooled_states(self, prompts: list[str], responses: list[list[str]]) -> list[torch.Tensor]:
         """Pooled states for groups: prompt i with its responses (the prompt computed once per group)."""

@@ -14,6 +14,7 @@ fold heads) are reported for every cell but never used to choose.
 from __future__ import annotations
 
 import dataclasses
+from statistics import fmean
 from pathlib import Path
 
 from sparserm.config import Config
@@ -23,10 +24,6 @@ from sparserm.reward.directions import directions, select_latents
 from sparserm.reward.inputs import head_inputs
 from sparserm.reward.prepare import prepare_reward_data
 from sparserm.reward.stage import evaluate_head, fit_head
-
-
-def _mean(values: list[float]) -> float:
-    return float(sum(values) / len(values))
 
 
 def layer_config(cfg: Config, layer: int) -> Config:
@@ -54,17 +51,18 @@ def run_sweep(cfg: Config, out_dir: Path) -> Path:
                 continue
             pos, neg = select_latents(rd.freqs.mu_w, rd.freqs.mu_l, k)
             rd_k = dataclasses.replace(rd, pos_ids=pos, neg_ids=neg, dirs=directions(w_dec, pos, neg))
+            x_eval = head_inputs("topk", rd_k, rd_k.eval)  # the same held-out inputs for every fold head
             fits, val_rows, evals = [], [], []
             for f in range(n_folds):
                 rd_f = dataclasses.replace(rd_k, train=pool.take(fold != f), val=pool.take(fold == f))
                 fit = fit_head(cfg_l, rd_f, out_dir, name=f"L{layer}-K{k}-fold{f}", progress=False)
                 fits.append(fit)
                 val_rows.append(fit.history[fit.best_epoch - 1])
-                evals.append(evaluate_head(fit, head_inputs("topk", rd_f, rd_f.eval), rd_f.eval))
-            row = {"layer": layer, "k": k, "val_accuracy": _mean([b["val_accuracy"] for b in val_rows]),
-                   "val_loss": _mean([b["val_loss"] for b in val_rows]), "best_epochs": [f.best_epoch for f in fits],
+                evals.append(evaluate_head(fit, x_eval, rd_k.eval))
+            row = {"layer": layer, "k": k, "val_accuracy": fmean([b["val_accuracy"] for b in val_rows]),
+                   "val_loss": fmean([b["val_loss"] for b in val_rows]), "best_epochs": [f.best_epoch for f in fits],
                    "fold_accuracy": [b["val_accuracy"] for b in val_rows],
-                   "eval_accuracy": {src: _mean([e[src] for e in evals]) for src in evals[0]},
+                   "eval_accuracy": {src: fmean([e[src] for e in evals]) for src in evals[0]},
                    "sae": {key: rd.sae_metrics.get(key) for key in ("fvu", "l0", "dead_fraction")}}
             rows.append(row)
             print(f"[sweep] layer {layer} K={k}: val {row['val_accuracy']:.4f} eval {row['eval_accuracy']['all']:.4f}",
