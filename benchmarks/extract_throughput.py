@@ -1,5 +1,6 @@
 """Feature-extraction throughput: the Ray Data pipeline against a naive loop, and against the machine's own
-best fp32 matmul rate over the model's GEMM shapes. All measured in this one run, on the same pairs.
+best matmul rate over the model's GEMM shapes, in the model's dtype (fp32 unless ``--dtype``; both sides
+always run in the same dtype). All measured in this one run, on the same pairs.
 
 tokens/s counts every token of both texts of each pair (so work saved by prefix sharing shows as speed).
 Naive loop: the full model with its LM head, ``output_hidden_states=True``, batch 1, chosen and rejected
@@ -7,7 +8,11 @@ as separate texts. Achieved FLOP/s: FLOPs counted from the model's shapes over t
 actually computed, divided by the pipeline's wall time (Ray start excluded, actor start and model load
 included).
 
-    python benchmarks/extract_throughput.py [--pairs 200] [--max-tokens 256] [--config jobs/configs/quickstart.yaml]
+    python benchmarks/extract_throughput.py [--pairs 200] [--max-tokens 256] [--dtype float32]
+                                            [--config jobs/configs/quickstart.yaml]
+
+``flop_ratio`` is the naive loop's FLOPs over the pipeline's (the speedup at equal FLOP/s); ``naive_gflops``
+is the naive loop's own rate, so speedup_vs_naive = flop_ratio x pipeline_gflops / naive_gflops.
 
 The last line is one JSON object.
 """
@@ -46,10 +51,11 @@ def flops_per_token(cfg, n_layers: int, context: float) -> float:
     return n_layers * (dense + attn)
 
 
-def best_matmul_flops(shapes: list[tuple[int, int, int]], seconds: float = 1.0) -> tuple[float, list]:
+def best_matmul_flops(shapes: list[tuple[int, int, int]], dtype: torch.dtype = torch.float32,
+                      seconds: float = 1.0) -> tuple[float, list]:
     best, table = 0.0, []
     for m, k, n in shapes:
-        a, b = torch.randn(m, k), torch.randn(k, n)
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
         for _ in range(3):
             a @ b
         reps, t0 = 0, time.perf_counter()
@@ -67,8 +73,9 @@ def main() -> None:
     ap.add_argument("--config", default="jobs/configs/quickstart.yaml")
     ap.add_argument("--pairs", type=int, default=200)
     ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
-    cfg = load_config(args.config, [f"model.max_tokens={args.max_tokens}"])
+    cfg = load_config(args.config, [f"model.max_tokens={args.max_tokens}", f"model.dtype={args.dtype}"])
     rows = [r for r in prepare_data(cfg).rows if r["source"].startswith("hh")][: args.pairs]
     for r in rows:
         r["split"] = "train"
@@ -91,12 +98,12 @@ def main() -> None:
     # the Ray Data pipeline
     import ray
 
-    from sparserm.features.extract import extract_to_parquet
+    from sparserm.features.extract import extract_to_shards
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        extract_to_parquet(rows, tmp, cfg.model, replace(cfg.features, share_prefix=True), cfg.run.cache_dir, 0)
+        extract_to_shards(rows, tmp, cfg.model, replace(cfg.features, share_prefix=True), cfg.run.cache_dir, 0)
         pipe_s = time.perf_counter() - t0
     ray.shutdown()
 
@@ -106,14 +113,19 @@ def main() -> None:
     mean_len = int(n_shared / (3 * len(groups)))
     # the model's GEMMs at batch 1 (mean text length, 256 tokens) and at the packed forward's row count
     best, table = best_matmul_flops(gemm_shapes(mcfg, max(mean_len, 16)) + gemm_shapes(mcfg, 256)
-                                    + gemm_shapes(mcfg, cfg.features.max_batch_tokens))
+                                    + gemm_shapes(mcfg, cfg.features.max_batch_tokens), getattr(torch, args.dtype))
+    mean_text = n_total / (2 * len(groups))
+    naive_flops = n_total * (flops_per_token(mcfg, mcfg.num_hidden_layers, mean_text / 2)
+                             + 2 * mcfg.hidden_size * mcfg.vocab_size)
     result = {
-        "pairs": len(rows), "tokens_both_texts": n_total, "tokens_computed_shared": n_shared,
+        "pairs": len(rows), "dtype": args.dtype, "tokens_both_texts": n_total, "tokens_computed_shared": n_shared,
         "naive_tokens_per_s": round(n_total / naive_s, 1), "pipeline_tokens_per_s": round(n_total / pipe_s, 1),
         "naive_seconds": round(naive_s, 1), "pipeline_seconds": round(pipe_s, 1),
         "speedup_vs_naive": round(naive_s / pipe_s, 2),
         "pipeline_gflops": round(pipe_flops / pipe_s / 1e9, 2), "best_matmul_gflops": round(best / 1e9, 2),
-        "flops_fraction": round(pipe_flops / pipe_s / best, 3), "matmul_shapes": table,
+        "flops_fraction": round(pipe_flops / pipe_s / best, 3),
+        "naive_gflops": round(naive_flops / naive_s / 1e9, 2), "flop_ratio": round(naive_flops / pipe_flops, 2),
+        "matmul_shapes": table,
         "threads": torch.get_num_threads(),
     }
     print(json.dumps(result))

@@ -69,8 +69,7 @@ class FeaturesConfig:
     num_actors: int = 1
     num_cpus_per_actor: float = 2.0
     num_gpus_per_actor: float = 0.0
-    batch_size: int = 32  # pairs per Ray Data batch handed to one actor call (split by max_batch_tokens)
-    chunk_pairs: int = 500  # pairs per resumable chunk of the pass (one Ray Data job each)
+    batch_size: int = 32  # pairs per actor call, one Parquet shard each (forwards within it: max_batch_tokens)
     share_prefix: bool = True  # run the shared prompt once per pair (tree-masked packing)
     max_batch_tokens: int = 4096  # padded tokens (rows x longest row) of one packed forward
     token_sample_rate: float = 0.5  # share of per-token residuals kept for SAE training

@@ -1,7 +1,8 @@
 """The activation cache: Parquet shards of pooled residuals and sampled token residuals, one folder per
-key (a hash of model, layers, pooling, token budget, sampling and the data checksums). Shards are written
-chunk by chunk, each marked done, so a stopped pass resumes at the first unfinished chunk; the cache is
-trusted only once ``complete.json`` exists.
+key (a hash of model, layers, pooling, token budget, sampling and the data checksums). Every shard is
+written whole under its final name (``shards/part-*.parquet``), so the pairs the finished shards hold are
+done and a stopped pass resumes with the rest; the cache is trusted only once ``complete.json`` exists.
+Caches written before that layout (``shards/chunk-*/`` folders marked ``_DONE``) are still read.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -46,14 +48,13 @@ class ActivationCache:
         self.root = Path(root)
 
     # -- writing ---------------------------------------------------------------------------------
-    def chunk_dir(self, i: int) -> Path:
-        return self.root / "shards" / f"chunk-{i:05d}"
+    @property
+    def shard_dir(self) -> Path:
+        return self.root / "shards"
 
-    def chunk_done(self, i: int) -> bool:
-        return (self.chunk_dir(i) / "_DONE").is_file()
-
-    def mark_chunk_done(self, i: int, n_pairs: int) -> None:
-        (self.chunk_dir(i) / "_DONE").write_text(json.dumps({"n_pairs": n_pairs}))
+    def done_row_ids(self) -> set[str]:
+        """Row ids of the pairs the finished shards hold (both texts of a pair are in one shard)."""
+        return {r for f in self._shards() for r in pq.read_table(f, columns=["row_id"]).column(0).to_pylist()}
 
     def mark_complete(self, summary: dict) -> None:
         write_json(self.root / "complete.json", summary)
@@ -67,9 +68,13 @@ class ActivationCache:
         return json.loads((self.root / "complete.json").read_text())
 
     # -- reading ---------------------------------------------------------------------------------
+    def _shards(self) -> list[Path]:
+        legacy = [p for d in sorted(self.shard_dir.glob("chunk-*")) if (d / "_DONE").is_file()
+                  for p in sorted(d.glob("*.parquet"))]
+        return legacy + sorted(self.shard_dir.glob("part-*.parquet"))
+
     def files(self) -> list[Path]:
-        files = sorted(p for d in sorted((self.root / "shards").glob("chunk-*")) if (d / "_DONE").is_file()
-                       for p in d.glob("*.parquet"))
+        files = self._shards()
         if not files:
             raise FileNotFoundError(f"activation cache {self.root} holds no finished shards")
         return files
@@ -112,8 +117,14 @@ class ActivationCache:
 
 
 def _to_matrix(column) -> np.ndarray:
-    chunks = [c.to_numpy() if hasattr(c, "to_numpy") else np.asarray(c) for c in column.chunks]
-    return np.concatenate([np.stack(list(c)) if c.dtype == object else c for c in chunks]).astype(np.float32)
+    parts = []
+    for c in column.chunks:
+        if pa.types.is_fixed_size_list(c.type):
+            parts.append(c.flatten().to_numpy().reshape(len(c), c.type.list_size))
+        else:  # Ray's tensor extension type (caches written before the shard layout)
+            arr = c.to_numpy()
+            parts.append(np.stack(list(arr)) if arr.dtype == object else arr)
+    return np.concatenate(parts).astype(np.float32)
 
 
 def _ragged_to_list(column) -> list:

@@ -1,31 +1,76 @@
 """The one model pass: Ray Data streams preference pairs through actors that hold the truncated backbone.
 
-Per text the actors emit the pooled residual of every configured layer and a seeded sample of per-token
+Per text the actors compute the pooled residual of every configured layer and a seeded sample of per-token
 residuals (the SAE's training data). Chosen and rejected share their prompt: it runs once, and several
 pairs go through the model in one packed forward (``model.forward.packed_states``).
+
+Each actor call writes its own Parquet shard (atomically: a temporary name, then a rename) and hands Ray
+only a small receipt per pair. So the residuals never travel through the object store or a separate
+writer task, the whole pass is one Ray Data execution (one actor start and model load), and a stopped
+pass resumes from the pairs its finished shards hold.
 """
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from sparserm.config import FeaturesConfig, ModelConfig, build
 
 SIDES = ("chosen", "rejected")
+SHARD_GLOB = "part-*.parquet"
 
 
 def _row_seed(row_id: str, seed: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{row_id}".encode()).digest()[:8], "little")
 
 
-class ResidualExtractor:
-    """Callable class for ``Dataset.map_batches``: one backbone per actor, loaded once."""
+def _ragged(arrays: list[np.ndarray], dtype) -> pa.ListArray:
+    """One list cell per array (each flattened), built from one flat buffer and its offsets."""
+    sizes = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    flat = np.concatenate([a.reshape(-1) for a in arrays]).astype(dtype) if arrays else np.empty(0, dtype)
+    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat))
 
-    def __init__(self, model_cfg: dict, features_cfg: dict, cache_dir: str, seed: int):
+
+def _fixed(matrix: np.ndarray) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.astype(np.float32).reshape(-1)), matrix.shape[1])
+
+
+def write_shard(columns: dict[str, list], out_dir: Path) -> Path:
+    """Write one shard atomically; its name is a digest of the pairs it holds (a rerun overwrites, never
+    duplicates)."""
+    arrays = {}
+    for k, v in columns.items():
+        if k.startswith("pooled_"):
+            arrays[k] = _fixed(np.stack(v))
+        elif k.startswith("tokens_"):
+            arrays[k] = _ragged(v, np.float32)
+        elif k == "token_ids":
+            arrays[k] = _ragged(v, np.int64)
+        else:
+            arrays[k] = pa.array(v)
+    digest = hashlib.sha256("\0".join(columns["row_id"]).encode()).hexdigest()[:20]
+    path = out_dir / f"part-{digest}.parquet"
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    pq.write_table(pa.table(arrays), tmp)
+    os.replace(tmp, path)
+    return path
+
+
+class ResidualExtractor:
+    """Callable class for ``Dataset.map_batches``: one backbone per actor, loaded once. Each call writes
+    one shard into ``out_dir`` and returns one receipt row per pair (row id, tokens computed)."""
+
+    def __init__(self, model_cfg: dict, features_cfg: dict, cache_dir: str, seed: int, out_dir: str):
         from sparserm.model.backbone import load_backbone
 
         self.model_cfg = build(ModelConfig, model_cfg)
@@ -34,6 +79,8 @@ class ResidualExtractor:
         torch.set_num_threads(self.cfg.torch_threads or os.cpu_count() or 1)
         self.backbone = load_backbone(self.model_cfg, cache_dir)
         self.seed = seed
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
 
     def _states(self, groups):
         """TextStates of every text of every group: packed forwards within the token budget."""
@@ -41,7 +88,8 @@ class ResidualExtractor:
 
         return packed_states(self.backbone, groups, self.cfg.share_prefix, self.cfg.max_batch_tokens)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def columns(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        """The shard's columns for a batch of pairs: one entry per text (chosen, then rejected)."""
         from sparserm.model.text import encode_group
 
         out: dict[str, list] = {k: [] for k in ("row_id", "prompt_id", "source", "split", "side", "text",
@@ -74,41 +122,41 @@ class ResidualExtractor:
                 for layer in layers:
                     out[f"pooled_{layer}"].append(text.pooled(layer, self.model_cfg.pooling).cpu().numpy())
                     out[f"tokens_{layer}"].append(text.states[layer][torch.as_tensor(keep, dtype=torch.long)]
-                                                  .cpu().numpy().astype(np.float32).reshape(-1))
-        result = {}
-        for k, v in out.items():
-            if k.startswith("pooled_"):
-                result[k] = np.stack(v).astype(np.float32)
-            elif k.startswith("tokens_") or k == "token_ids":
-                result[k] = _ragged(v)
-            else:
-                result[k] = np.asarray(v)
-        return result
+                                                  .cpu().float().numpy())
+        return out
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cols = self.columns(batch)
+        write_shard(cols, self.out_dir)
+        chosen = [i for i, s in enumerate(cols["side"]) if s == "chosen"]
+        computed = np.asarray(cols["n_computed"]).reshape(-1, 2).sum(1)
+        return {"row_id": np.asarray([cols["row_id"][i] for i in chosen]), "n_computed": computed}
 
 
-def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
-    holder = np.empty(len(arrays), dtype=object)
-    for i, a in enumerate(arrays):
-        holder[i] = a
-    return holder
-
-
-def extract_to_parquet(rows: list[dict], out_dir: str, model_cfg: ModelConfig, features_cfg: FeaturesConfig,
-                       cache_dir: str, seed: int) -> None:
-    """One Ray Data pass over ``rows`` (dicts with prompt/chosen/rejected/source/row_id/split), writing
-    Parquet shards into ``out_dir``. Rows are ordered by length so batches hold texts of similar size."""
+def extract_to_shards(rows: list[dict], out_dir: str, model_cfg: ModelConfig, features_cfg: FeaturesConfig,
+                      cache_dir: str, seed: int, on_batch: Callable[[int, int], None] | None = None) -> None:
+    """One Ray Data execution over ``rows`` (dicts with prompt/chosen/rejected/source/row_id/split), the
+    actors writing Parquet shards into ``out_dir``. Rows are ordered by length so batches hold texts of
+    similar size. ``on_batch(pairs, tokens_computed)`` is called in the driver as each batch finishes."""
     import ray
 
+    if not rows:
+        return
     ordered = sorted(rows, key=lambda r: len(r["prompt"]) + len(r["chosen"]) + len(r["rejected"]))
-    ds = ray.data.from_items(ordered, override_num_blocks=max(1, len(ordered) // max(1, features_cfg.batch_size)))
+    # One block per batch, each at most batch_size pairs, handed whole to an actor call (batch_size=None):
+    # re-batching blocks of other sizes leaves remainder calls of a pair or two.
+    ds = ray.data.from_items(ordered, override_num_blocks=math.ceil(len(ordered) / max(1, features_cfg.batch_size)))
     ds = ds.map_batches(
         ResidualExtractor,
         fn_constructor_kwargs={"model_cfg": asdict(model_cfg), "features_cfg": asdict(features_cfg),
-                               "cache_dir": cache_dir, "seed": seed},
-        batch_size=features_cfg.batch_size,
+                               "cache_dir": cache_dir, "seed": seed, "out_dir": out_dir},
+        batch_size=None,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=features_cfg.num_actors),
         num_cpus=features_cfg.num_cpus_per_actor,
         num_gpus=features_cfg.num_gpus_per_actor or None,
     )
-    ds.write_parquet(out_dir)
+    for receipt in ds.iter_batches(batch_format="numpy", batch_size=None):
+        if on_batch is not None:
+            on_batch(len(receipt["row_id"]), int(receipt["n_computed"].sum()))
+

@@ -1,7 +1,7 @@
 """Stage ``features``: preference files -> one truncated model pass -> the activation cache.
 
 The cache key covers everything that changes what the pass writes, so a second run with a complete
-cache skips the model entirely, and a stopped run resumes at its first unfinished chunk.
+cache skips the model entirely, and a stopped run resumes with the pairs its finished shards do not hold.
 """
 from __future__ import annotations
 
@@ -71,17 +71,25 @@ def run_features(cfg: Config, out_dir: Path, data: PreparedData | None = None) -
         return cache
     if not ray.is_initialized():
         ray.init(address=cfg.run.ray_address, include_dashboard=False, log_to_driver=False)
-    from sparserm.features.extract import extract_to_parquet
+    from sparserm.features.extract import extract_to_shards
 
-    chunks = [data.rows[i: i + cfg.features.chunk_pairs] for i in range(0, len(data.rows), cfg.features.chunk_pairs)]
     t0 = time.time()
-    todo = [i for i in range(len(chunks)) if not cache.chunk_done(i)]
-    if len(todo) < len(chunks):
-        print(f"[features] resuming: {len(chunks) - len(todo)} of {len(chunks)} chunks already cached", flush=True)
-    for i in tqdm(todo, desc="features: model pass (chunks)", unit="chunk"):
-        extract_to_parquet(chunks[i], str(cache.chunk_dir(i)), cfg.model, cfg.features, cfg.run.cache_dir,
-                           cfg.run.seed)
-        cache.mark_chunk_done(i, len(chunks[i]))
+    done = cache.done_row_ids() if cache.shard_dir.is_dir() else set()
+    todo = [r for r in data.rows if r["row_id"] not in done]
+    if done:
+        print(f"[features] resuming: {len(data.rows) - len(todo)} of {len(data.rows)} pairs already cached", flush=True)
+    with tqdm(total=len(data.rows), initial=len(data.rows) - len(todo), desc="features: model pass",
+              unit="pair") as bar:
+        computed = 0
+
+        def on_batch(n_pairs: int, n_computed: int) -> None:
+            nonlocal computed
+            computed += n_computed
+            bar.update(n_pairs)
+            bar.set_postfix(computed_tokens_per_s=f"{computed / (time.time() - t0):.0f}")
+
+        extract_to_shards(todo, str(cache.shard_dir), cfg.model, cfg.features, cfg.run.cache_dir, cfg.run.seed,
+                          on_batch=on_batch)
     pooled = cache.read_pooled(cfg.model.layer)
     cache.mark_complete({
         "key": cache.root.name, "n_pairs": len(data.rows), "n_texts": len(pooled.meta["row_id"]),

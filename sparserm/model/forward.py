@@ -92,12 +92,16 @@ def tree_mask(segments: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype) -
 def packed_states(backbone: Backbone, groups: list[TokenGroup], share_prefix: bool = True,
                   max_batch_tokens: int | None = None) -> list[list[TextStates]]:
     """TextStates of every response of every group, in order (see the module docstring): one batched forward,
-    or, with ``max_batch_tokens``, one per run of groups that fits that padded size (``token_batches``)."""
+    or, with ``max_batch_tokens``, one per run of groups that fits that padded size (``token_batches``),
+    taking the groups shortest first so each forward pads little."""
     if max_batch_tokens is None:
         return _packed_forward(backbone, groups, share_prefix)
-    out: list = []
-    for idx in token_batches(groups, max_batch_tokens, share_prefix):
-        out.extend(_packed_forward(backbone, [groups[i] for i in idx], share_prefix))
+    order = sorted(range(len(groups)), key=lambda i: _row_shape(groups[i], share_prefix)[1])
+    ordered = [groups[i] for i in order]
+    out: list = [None] * len(groups)
+    for idx in token_batches(ordered, max_batch_tokens, share_prefix):
+        for i, states in zip(idx, _packed_forward(backbone, [ordered[i] for i in idx], share_prefix)):
+            out[order[i]] = states
     return out
 
 
@@ -136,15 +140,19 @@ def group_states(backbone: Backbone, group: TokenGroup, share_prefix: bool = Tru
     return packed_states(backbone, [group], share_prefix)[0]
 
 
+def _row_shape(g: TokenGroup, share_prefix: bool) -> tuple[int, int]:
+    """(rows, longest row) that group ``g`` takes in a packed forward."""
+    if _one_row(g, share_prefix):
+        return 1, g.n_tokens_shared
+    return len(g.suffixes), max(len(g.sequence(j)) for j in range(len(g.suffixes)))
+
+
 def token_batches(groups: list[TokenGroup], max_tokens: int, share_prefix: bool = True) -> list[list[int]]:
     """Indices of ``groups`` in consecutive runs whose padded packed size (rows x longest row) stays within
     ``max_tokens`` (a group larger than that is a batch of its own); order is kept."""
     batches, current, rows, longest = [], [], 0, 0
     for i, g in enumerate(groups):
-        if _one_row(g, share_prefix):
-            g_rows, g_len = 1, g.n_tokens_shared
-        else:
-            g_rows, g_len = len(g.suffixes), max(len(g.sequence(j)) for j in range(len(g.suffixes)))
+        g_rows, g_len = _row_shape(g, share_prefix)
         if current and max(longest, g_len) * (rows + g_rows) > max_tokens:
             batches.append(current)
             current, rows, longest = [], 0, 0

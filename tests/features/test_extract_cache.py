@@ -1,3 +1,4 @@
+import collections
 import json
 
 import numpy as np
@@ -25,7 +26,7 @@ def cfg(tmp_path, tiny_model_dir, cache_dir):
     return Config(run=RunConfig(cache_dir=str(tmp_path / "cache"), seed=3),
                   data=DataConfig(sources=(DataSource(path=str(data)),), eval_fraction=0.25),
                   model=ModelConfig(name=str(tiny_model_dir), layer=2, extra_layers=(1,), max_tokens=32),
-                  features=FeaturesConfig(batch_size=4, chunk_pairs=5, token_sample_rate=0.5)).validate()
+                  features=FeaturesConfig(batch_size=4, token_sample_rate=0.5)).validate()
 
 
 def test_pass_writes_pooled_states_equal_to_direct_forward(cfg, tmp_path, ray_session, cache_dir):
@@ -64,27 +65,29 @@ def test_complete_cache_is_reused_and_a_stopped_pass_resumes(cfg, tmp_path, ray_
     root = cache_root(cfg, data.checksums)
     import sparserm.features.extract as extract
 
-    calls = []
-    real = extract.extract_to_parquet
-
-    def stop_after_first(*args, **kwargs):
-        if calls:
-            raise KeyboardInterrupt("stopped")
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(extract, "extract_to_parquet", stop_after_first)
-    with pytest.raises(KeyboardInterrupt):
-        run_features(cfg, out)
-    cache = ActivationCache(root)
-    assert cache.chunk_done(0) and not cache.chunk_done(1) and not cache.is_complete
-
-    monkeypatch.setattr(extract, "extract_to_parquet", lambda *a, **k: (calls.append(2), real(*a, **k)))
+    real = extract.extract_to_shards
     run_features(cfg, out)
-    assert calls == [1, 2, 2]  # chunks 1 and 2 only: chunk 0 was not recomputed
-    assert cache.is_complete and len(cache.read_pooled(2).states) == 24
+    # What a stopped pass leaves on disk: some finished shards, no complete.json, perhaps a half-written file.
+    cache = ActivationCache(root)
+    shards = sorted(cache.shard_dir.glob("part-*.parquet"))
+    assert len(shards) == 3  # 12 pairs in batches of 4, one shard per actor call
+    for f in shards[1:]:
+        f.unlink()
+    (cache.root / "complete.json").unlink()
+    (cache.shard_dir / "part-0000.parquet.123.tmp").write_bytes(b"half a parquet file")
+    done = cache.done_row_ids()
+    assert len(done) == 4 and not cache.is_complete
 
-    monkeypatch.setattr(extract, "extract_to_parquet", lambda *a, **k: pytest.fail("model pass re-run"))
+    passed = []
+    monkeypatch.setattr(extract, "extract_to_shards", lambda rows, *a, **k: (passed.append(rows), real(rows, *a, **k)))
+    run_features(cfg, out)
+    assert len(passed) == 1 and {r["row_id"] for r in passed[0]}.isdisjoint(done)  # done pairs not recomputed
+    assert len(passed[0]) + len(done) == 12
+    table = cache.read_pooled(2)
+    assert cache.is_complete and len(table.states) == 24
+    assert sorted(collections.Counter(table.meta["row_id"]).values()) == [2] * 12  # every pair once, both sides
+
+    monkeypatch.setattr(extract, "extract_to_shards", lambda *a, **k: pytest.fail("model pass re-run"))
     assert run_features(cfg, out).root == root
 
 
@@ -97,3 +100,24 @@ def test_cache_key_changes_with_what_changes_the_pass(cfg):
     assert cache_root(replace(cfg, model=replace(cfg.model, max_tokens=64)), data.checksums) != base
     assert cache_root(replace(cfg, features=replace(cfg.features, batch_size=2)), data.checksums) == base
     assert cache_root(cfg, {k: "other" for k in data.checksums}) != base
+
+
+def test_caches_in_the_chunk_layout_are_still_read(tmp_path, ray_session):
+    """Caches written before the shard layout: Ray Data's own Parquet writer, in chunk folders marked _DONE."""
+    import ray
+
+    rng = np.random.default_rng(0)
+    rows = [{"row_id": f"r{i // 2}", "prompt_id": "p", "source": "s", "split": "train",
+             "side": ("chosen", "rejected")[i % 2], "text": "t", "n_tokens": 5, "n_computed": 5,
+             "token_ids": np.arange(i + 1), "pooled_2": rng.standard_normal(8).astype(np.float32),
+             "tokens_2": rng.standard_normal(8 * (i + 1)).astype(np.float32)} for i in range(6)]
+    cache = ActivationCache(tmp_path / "old")
+    for i, part in enumerate((rows[:4], rows[4:])):
+        ray.data.from_items(part).write_parquet(str(cache.shard_dir / f"chunk-{i:05d}"))
+        if i == 0:
+            (cache.shard_dir / "chunk-00000" / "_DONE").write_text("{}")
+    table = cache.read_pooled(2)  # the unfinished chunk 1 is not read
+    assert table.states.shape == (4, 8) and cache.done_row_ids() == {"r0", "r1"}
+    assert np.allclose(table.states[table.meta["row_id"] == "r1"].numpy(), np.stack([r["pooled_2"] for r in rows[2:4]]))
+    x, t = cache.read_tokens(2, 8, split=None)
+    assert x.shape == (1 + 2 + 3 + 4, 8) and len(t) == 10

@@ -62,7 +62,9 @@ def test_packed_groups_equal_separate_passes(tiny_backbone):
               encode_group(tok, "What is 2+2?", ["4", "Four, of course: two and two make four.", "5"], 64),
               encode_group(tok, "Say hi", ["hi"], 64)]
     assert all(len(g.prefix) > 0 for g in groups) and groups[0].n_tokens_shared < groups[0].n_tokens_total
-    for share, budget in ((True, None), (False, None), (True, 1)):  # budget 1: one forward per group
+    # budget 1: one forward per group; 10,000: one forward, groups taken shortest first (order restored)
+    assert sorted(range(3), key=lambda i: groups[i].n_tokens_shared) != [0, 1, 2]
+    for share, budget in ((True, None), (False, None), (True, 1), (True, 10_000), (False, 10_000)):
         packed = packed_states(tiny_backbone, groups, share_prefix=share, max_batch_tokens=budget)
         assert [len(p) for p in packed] == [2, 3, 1]
         for g, texts in zip(groups, packed):

@@ -29,7 +29,7 @@ def rm_run(tmp_path_factory, tiny_model_dir, ray_session):
     data = _pairs_file(tmp / "pairs.jsonl")
     overrides = [f"run.cache_dir={tmp / 'cache'}", f"model.name={tiny_model_dir}", "model.layer=2",
                  "model.max_tokens=48", f"data.sources=[{{path: {data}}}]", "data.eval_fraction=0.3",
-                 "features.chunk_pairs=100", "sae.width=128", "sae.k=8", "sae.batch_size=256",
+                 "sae.width=128", "sae.k=8", "sae.batch_size=256",
                  "sae.training_tokens=20000", "reward.top_k=8", "reward.hidden=16", "reward.epochs=3",
                  "reward.val_fraction=0.2"]
     out = tmp / "run"
@@ -89,7 +89,7 @@ def test_second_run_reuses_caches_and_resumes_head_training(rm_run, monkeypatch)
     import sparserm.features.extract as extract
     import sparserm.sae.stage as sae_stage
 
-    monkeypatch.setattr(extract, "extract_to_parquet", lambda *a, **k: pytest.fail("model pass re-run"))
+    monkeypatch.setattr(extract, "extract_to_shards", lambda *a, **k: pytest.fail("model pass re-run"))
     monkeypatch.setattr(sae_stage, "train_sae", lambda *a, **k: pytest.fail("SAE re-trained"))
     assert main(["rm", "train", *overrides, "--output-dir", str(out)]) == 0
     assert len(json.loads((out / "metrics.json").read_text())["history"]) == 3
