@@ -17,7 +17,7 @@ from sparserm.config import AlignConfig
 
 
 def sampling_of(a: AlignConfig) -> dict:
-    return Sampling(a.max_new_tokens, a.temperature, a.top_p, a.max_prompt_tokens).to_dict()
+    return Sampling.of(a).to_dict()
 
 
 def _keep(pair: dict, stats: dict) -> bool:

@@ -29,3 +29,16 @@ def test_contrastive_and_ranked_pairs(tiny_align_config, tiny_model_dir, ray_ses
         assert s_w >= s_l
         # the pair carries the scores it was ranked by, so the filter needs no second RM pass
         assert p["score_chosen"] == pytest.approx(s_w, abs=1e-5) and p["score_rejected"] == pytest.approx(s_l, abs=1e-5)
+
+
+def test_sampling_comes_from_the_align_config_only():
+    from dataclasses import replace
+
+    from sparserm.align.engines.base import Sampling
+    from sparserm.align.pairs import sampling_of
+    from sparserm.config import AlignConfig
+
+    a = replace(AlignConfig(), max_new_tokens=7, temperature=0.3, top_p=0.5, max_prompt_tokens=11)
+    assert sampling_of(a) == {"max_new_tokens": 7, "temperature": 0.3, "top_p": 0.5, "max_prompt_tokens": 11}
+    with pytest.raises(TypeError):
+        Sampling()  # no second set of defaults

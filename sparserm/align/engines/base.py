@@ -6,10 +6,17 @@ from dataclasses import asdict, dataclass
 
 @dataclass(frozen=True)
 class Sampling:
-    max_new_tokens: int = 64
-    temperature: float = 0.7
-    top_p: float = 0.95
-    max_prompt_tokens: int = 96
+    """What an engine's ``generate`` reads; no defaults here: they live in ``AlignConfig`` (see ``of``)."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    max_prompt_tokens: int
+
+    @classmethod
+    def of(cls, align_cfg) -> "Sampling":
+        """The sampling fields of an ``AlignConfig``."""
+        return cls(**{f: getattr(align_cfg, f) for f in cls.__dataclass_fields__})
 
     def to_dict(self) -> dict:
         return asdict(self)
