@@ -74,6 +74,8 @@ def run_features(cfg: Config, out_dir: Path, data: PreparedData | None = None) -
     from sparserm.features.extract import extract_to_shards
 
     t0 = time.time()
+    for stale in cache.shard_dir.glob("*.tmp"):  # half-written by a call that was stopped; no pass runs now
+        stale.unlink()
     done = cache.done_row_ids() if cache.shard_dir.is_dir() else set()
     todo = [r for r in data.rows if r["row_id"] not in done]
     if done:

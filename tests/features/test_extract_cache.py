@@ -86,6 +86,7 @@ def test_complete_cache_is_reused_and_a_stopped_pass_resumes(cfg, tmp_path, ray_
     table = cache.read_pooled(2)
     assert cache.is_complete and len(table.states) == 24
     assert sorted(collections.Counter(table.meta["row_id"]).values()) == [2] * 12  # every pair once, both sides
+    assert not list(cache.shard_dir.glob("*.tmp"))  # the half-written file was cleared away
 
     monkeypatch.setattr(extract, "extract_to_shards", lambda *a, **k: pytest.fail("model pass re-run"))
     assert run_features(cfg, out).root == root
