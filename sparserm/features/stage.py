@@ -5,7 +5,9 @@ cache skips the model entirely, and a stopped run resumes with the pairs its fin
 """
 from __future__ import annotations
 
+import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +78,8 @@ def run_features(cfg: Config, out_dir: Path, data: PreparedData | None = None) -
     t0 = time.time()
     for stale in cache.shard_dir.glob("*.tmp"):  # half-written by a call that was stopped; no pass runs now
         stale.unlink()
+    for old in cache.shard_dir.glob("chunk-*"):  # an unfinished pass in the old layout: redone in this one,
+        shutil.rmtree(old)                       # so every shard of a cache has the same column types
     done = cache.done_row_ids() if cache.shard_dir.is_dir() else set()
     todo = [r for r in data.rows if r["row_id"] not in done]
     if done:
@@ -93,6 +97,11 @@ def run_features(cfg: Config, out_dir: Path, data: PreparedData | None = None) -
         extract_to_shards(todo, str(cache.shard_dir), cfg.model, cfg.features, cfg.run.cache_dir, cfg.run.seed,
                           on_batch=on_batch)
     pooled = cache.read_pooled(cfg.model.layer)
+    counts = Counter(pooled.meta["row_id"])
+    if len(counts) != len(data.rows) or set(counts.values()) != {2}:
+        raise RuntimeError(f"activation cache {cache.root}: expected both texts of {len(data.rows)} pairs once each, "
+                           f"found {len(counts)} pairs and {len(pooled.meta['row_id'])} texts (two passes wrote "
+                           f"into it at once?); remove the folder and run again")
     cache.mark_complete({
         "key": cache.root.name, "n_pairs": len(data.rows), "n_texts": len(pooled.meta["row_id"]),
         "d_model": int(pooled.states.shape[1]), "n_tokens": int(pooled.meta["n_tokens"].sum()), "n_computed": int(pooled.meta["n_computed"].sum()),

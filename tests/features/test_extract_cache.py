@@ -75,6 +75,8 @@ def test_complete_cache_is_reused_and_a_stopped_pass_resumes(cfg, tmp_path, ray_
         f.unlink()
     (cache.root / "complete.json").unlink()
     (cache.shard_dir / "part-0000.parquet.123.tmp").write_bytes(b"half a parquet file")
+    (cache.shard_dir / "chunk-00000").mkdir()  # an unfinished pass in the old layout
+    (cache.shard_dir / "chunk-00000" / "x.parquet").write_bytes(b"old")
     done = cache.done_row_ids()
     assert len(done) == 4 and not cache.is_complete
 
@@ -87,9 +89,22 @@ def test_complete_cache_is_reused_and_a_stopped_pass_resumes(cfg, tmp_path, ray_
     assert cache.is_complete and len(table.states) == 24
     assert sorted(collections.Counter(table.meta["row_id"]).values()) == [2] * 12  # every pair once, both sides
     assert not list(cache.shard_dir.glob("*.tmp"))  # the half-written file was cleared away
+    assert not (cache.shard_dir / "chunk-00000").exists()
 
     monkeypatch.setattr(extract, "extract_to_shards", lambda *a, **k: pytest.fail("model pass re-run"))
     assert run_features(cfg, out).root == root
+
+
+def test_a_pair_stored_twice_stops_the_cache_from_completing(cfg, tmp_path, ray_session):
+    out = tmp_path / "run"
+    out.mkdir()
+    cache = run_features(cfg, out)
+    (cache.root / "complete.json").unlink()
+    shard = sorted(cache.shard_dir.glob("part-*.parquet"))[0]
+    (cache.shard_dir / "part-copy.parquet").write_bytes(shard.read_bytes())  # as if two passes wrote at once
+    with pytest.raises(RuntimeError, match="once each"):
+        run_features(cfg, out)
+    assert not cache.is_complete
 
 
 def test_cache_key_changes_with_what_changes_the_pass(cfg):

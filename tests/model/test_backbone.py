@@ -3,7 +3,7 @@ import torch
 
 from sparserm.config import ModelConfig
 from sparserm.model.backbone import BackboneError, load_backbone, load_causal_lm
-from sparserm.model.forward import group_states, packed_states, pool, token_batches, tree_mask
+from sparserm.model.forward import _row_shape, group_states, packed_states, pool, token_batches, tree_mask
 from sparserm.model.text import encode_group, to_messages, truncate_group
 
 
@@ -63,7 +63,8 @@ def test_packed_groups_equal_separate_passes(tiny_backbone):
               encode_group(tok, "Say hi", ["hi"], 64)]
     assert all(len(g.prefix) > 0 for g in groups) and groups[0].n_tokens_shared < groups[0].n_tokens_total
     # budget 1: one forward per group; 10,000: one forward, groups taken shortest first (order restored)
-    assert sorted(range(3), key=lambda i: groups[i].n_tokens_shared) != [0, 1, 2]
+    for share in (True, False):
+        assert sorted(range(3), key=lambda i: _row_shape(groups[i], share)[1]) != [0, 1, 2]
     for share, budget in ((True, None), (False, None), (True, 1), (True, 10_000), (False, 10_000)):
         packed = packed_states(tiny_backbone, groups, share_prefix=share, max_batch_tokens=budget)
         assert [len(p) for p in packed] == [2, 3, 1]
