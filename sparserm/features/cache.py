@@ -17,6 +17,7 @@ import torch
 
 from sparserm.manifest import write_json
 
+SHARD_NAME = "part-{}.parquet"  # "{}": a digest of the shard's row ids; written by features.extract.write_shard
 META_COLUMNS = ("row_id", "prompt_id", "source", "split", "side", "text", "n_tokens", "n_computed")
 
 
@@ -71,7 +72,7 @@ class ActivationCache:
     def _shards(self) -> list[Path]:
         legacy = [p for d in sorted(self.shard_dir.glob("chunk-*")) if (d / "_DONE").is_file()
                   for p in sorted(d.glob("*.parquet"))]
-        return legacy + sorted(self.shard_dir.glob("part-*.parquet"))
+        return legacy + sorted(self.shard_dir.glob(SHARD_NAME.format("*")))
 
     def files(self) -> list[Path]:
         files = self._shards()

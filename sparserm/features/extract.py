@@ -24,9 +24,9 @@ import pyarrow.parquet as pq
 import torch
 
 from sparserm.config import FeaturesConfig, ModelConfig, build
+from sparserm.features.cache import SHARD_NAME
 
 SIDES = ("chosen", "rejected")
-SHARD_GLOB = "part-*.parquet"
 
 
 def _row_seed(row_id: str, seed: int) -> int:
@@ -59,7 +59,7 @@ def write_shard(columns: dict[str, list], out_dir: Path) -> Path:
         else:
             arrays[k] = pa.array(v)
     digest = hashlib.sha256("\0".join(columns["row_id"]).encode()).hexdigest()[:20]
-    path = out_dir / f"part-{digest}.parquet"
+    path = out_dir / SHARD_NAME.format(digest)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     pq.write_table(pa.table(arrays), tmp)
     os.replace(tmp, path)
@@ -128,9 +128,9 @@ class ResidualExtractor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cols = self.columns(batch)
         write_shard(cols, self.out_dir)
-        chosen = [i for i, s in enumerate(cols["side"]) if s == "chosen"]
+        # texts come in (chosen, rejected) order, pair by pair
         computed = np.asarray(cols["n_computed"]).reshape(-1, 2).sum(1)
-        return {"row_id": np.asarray([cols["row_id"][i] for i in chosen]), "n_computed": computed}
+        return {"row_id": np.asarray(cols["row_id"][::2]), "n_computed": computed}
 
 
 def extract_to_shards(rows: list[dict], out_dir: str, model_cfg: ModelConfig, features_cfg: FeaturesConfig,
@@ -159,4 +159,3 @@ def extract_to_shards(rows: list[dict], out_dir: str, model_cfg: ModelConfig, fe
     for receipt in ds.iter_batches(batch_format="numpy", batch_size=None):
         if on_batch is not None:
             on_batch(len(receipt["row_id"]), int(receipt["n_computed"].sum()))
-

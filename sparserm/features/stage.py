@@ -80,7 +80,7 @@ def run_features(cfg: Config, out_dir: Path, data: PreparedData | None = None) -
         stale.unlink()
     for old in cache.shard_dir.glob("chunk-*"):  # an unfinished pass in the old layout: redone in this one,
         shutil.rmtree(old)                       # so every shard of a cache has the same column types
-    done = cache.done_row_ids() if cache.shard_dir.is_dir() else set()
+    done = cache.done_row_ids()
     todo = [r for r in data.rows if r["row_id"] not in done]
     if done:
         print(f"[features] resuming: {len(data.rows) - len(todo)} of {len(data.rows)} pairs already cached", flush=True)
