@@ -9,10 +9,11 @@ checkpoint. Every epoch rank 0 writes a checkpoint:
     adapter/                  peft adapter (adapter_model.safetensors + adapter_config.json)
     reference.safetensors     reference log-probs of every pair (chosen, rejected)
     state.json                epoch, per-epoch history, fingerprint
+    optimizer/rank_<r>.*      each rank's optimizer moments (``optimizer_state``; written by every rank)
 
 A rerun with the same ``storage_dir``/``name`` resumes after the last finished epoch (Ray Train's run
-snapshot); the optimizer moments restart there (DeepSpeed's own checkpoints are pickles, which we do not
-write). The shuffle of epoch e depends only on (seed, e), so the data order is that of an unbroken run.
+snapshot) with the adapter and the optimizer moments of that epoch. The shuffle of epoch e depends only on
+(seed, e), so a resumed run follows the same steps as an unbroken one.
 """
 from __future__ import annotations
 
@@ -94,6 +95,7 @@ def _train_loop(c: dict) -> dict:
     from safetensors.torch import load_file, save_file
 
     from sparserm.align.losses import get_loss
+    from sparserm.align.optimizer_state import load_optimizer_state, save_optimizer_state
     from sparserm.config import ModelConfig, build
     from sparserm.model.backbone import load_causal_lm
 
@@ -146,6 +148,12 @@ def _train_loop(c: dict) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=a.lr, weight_decay=0.0)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=c["ds_config"])
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            why = load_optimizer_state(engine.basic_optimizer, Path(d) / "optimizer", rank=rank, world=world,
+                                       stage=a.deepspeed_stage)
+        if why is not None:
+            print(f"[dpo {c['name']}] rank {rank}: optimizer moments restart ({why})", flush=True)
     loss_fn = get_loss(a.loss)
     step_pairs = a.batch_size  # pairs per optimizer step over all workers
     n_pad = math.ceil(n / step_pairs) * step_pairs
@@ -180,14 +188,15 @@ def _train_loop(c: dict) -> dict:
         history.append(row)
         adapter = _adapter_state(engine.module, a.deepspeed_stage)  # every rank (ZeRO-3 gathers)
         with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
+            tmp_p = Path(tmp)  # every rank's files land in the same checkpoint folder
+            save_optimizer_state(engine.basic_optimizer, tmp_p / "optimizer", rank=rank, world=world,
+                                 stage=a.deepspeed_stage)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
             if rank == 0:
-                tmp_p = Path(tmp)
                 engine.module.save_pretrained(str(tmp_p / "adapter"), state_dict=adapter)
                 save_file({k: v.contiguous() for k, v in ref.items()}, str(tmp_p / "reference.safetensors"))
                 (tmp_p / "state.json").write_text(json.dumps({"epoch": epoch, "history": history,
                                                               "fingerprint": c["fingerprint"]}, indent=1))
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 if c["progress"]:
                     print(f"[dpo {c['name']}] epoch {epoch}/{c['epochs']} done: " + json.dumps(row), flush=True)
             ray.train.report(row, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch:04d}")
