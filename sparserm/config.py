@@ -54,7 +54,7 @@ class ModelConfig:
     device: str = "auto"  # auto | cpu | cuda
     layer: int = 15  # residual stream after model.model.layers[layer]
     extra_layers: tuple[int, ...] = ()  # further layers <= max layer read from the same pass
-    pooling: str = "last"  # last | mean_response | mean
+    pooling: str = "mean_response"  # mean_response | last | mean (README: mean_response led by 3 CV points)
     max_tokens: int = 256  # token budget per text (prompt + response), truncated from the left
     chat_template: bool = True
 

@@ -47,4 +47,5 @@ def test_truncated_residuals_equal_full_hidden_states(full_model, embedded_cache
     # "last" pooling reads the response's own last token, whose norm is ordinary (not a massive newline)
     norms = texts[0].states[15].norm(dim=-1)
     assert texts[0].pooled(15, "last").norm() < 5 * norms.median()
+    assert texts[0].pooled(15, "mean_response").norm() < 5 * norms.median()  # likewise the response's mean
     assert norms.max() > 20 * norms.median()  # the template's newline tokens carry massive activations

@@ -40,7 +40,7 @@ def rm_run(tmp_path_factory, tiny_model_dir, ray_session):
 def test_rm_folder_and_metrics(rm_run):
     _, out, _ = rm_run
     meta = json.loads((out / "rm" / "rm.json").read_text())
-    assert meta["top_k"] == 8 and meta["layer"] == 2 and meta["pooling"] == "last"
+    assert meta["top_k"] == 8 and meta["layer"] == 2 and meta["pooling"] == "mean_response"
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["eval_accuracy"]["all"] <= 1.0
     assert len(metrics["history"]) == 3 and 1 <= metrics["best_epoch"] <= 3
