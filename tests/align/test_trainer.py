@@ -64,3 +64,24 @@ def test_deepspeed_config_from_align_config(cfg):
     assert ds["zero_optimization"]["stage"] == cfg.align.deepspeed_stage
     assert ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] == cfg.align.batch_size
     assert ds["bf16"]["enabled"] is False and ds_config(cfg.align, 2, True)["bf16"]["enabled"] is True
+
+
+def test_two_workers_each_checkpoint_their_optimizer_share_and_resume_exactly(tiny_align_config, ray_session,
+                                                                               tmp_path, dpo_pairs):
+    from sparserm.align.trainer import train_dpo
+
+    cfg = tiny_align_config("align.epochs=2", "align.lr=5e-3", "align.num_workers=2", "align.cpus_per_worker=1",
+                            "align.torch_threads=1")
+    pairs = dpo_pairs[:8]
+    first = train_dpo(cfg, pairs, storage_dir=tmp_path, name="dpo2", stop_after_epoch=1, progress=False)
+    shares = sorted(p.name for p in (Path(first["adapter"]).parent / "optimizer").iterdir())
+    assert shares == ["rank_0.json", "rank_0.safetensors", "rank_1.json", "rank_1.safetensors"]
+    resumed = train_dpo(cfg, pairs, storage_dir=tmp_path, name="dpo2", progress=False)
+    unbroken = train_dpo(cfg, pairs, storage_dir=tmp_path, name="unbroken2", progress=False)
+    assert resumed["finished"] and [h["epoch"] for h in resumed["history"]] == [1, 2]
+    assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in unbroken["history"]],
+                                                                    rel=1e-5)
+    a = load_file(str(Path(resumed["adapter"]) / "adapter_model.safetensors"))
+    b = load_file(str(Path(unbroken["adapter"]) / "adapter_model.safetensors"))
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
