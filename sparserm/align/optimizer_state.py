@@ -9,8 +9,9 @@ Its ``state_dict()`` is tensors plus plain numbers, so each rank writes its own
     optimizer/rank_<r>.json          param_groups, world size, ZeRO stage
 
 and loads its own file back on resume. The master copy matters with bf16 (GPU): the adapter is saved from
-the bf16 model, and restarting the master from it would drop the low bits of every weight. A share is only valid for the same world size and ZeRO stage;
-:func:`load_optimizer_state` refuses anything else (returns the reason) and the moments restart.
+the bf16 model, and restarting the master from it would drop the low bits of every weight. A share is only
+valid for the same world size and ZeRO stage; :func:`load_optimizer_state` refuses anything else (returns
+the reason) and the moments restart.
 """
 from __future__ import annotations
 
@@ -54,17 +55,15 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, folder: Path, *, rank
     if (meta["world_size"], meta["zero_stage"]) != (world, stage):
         return (f"the optimizer state was saved by {meta['world_size']} worker(s) at ZeRO stage {meta['zero_stage']},"
                 f" this run has {world} at stage {stage}")
+    tensors = load_file(str(tensors_path))
     state: dict[int, dict[str, torch.Tensor]] = {}
-    params: dict[str, torch.Tensor] = {}
-    for key, t in load_file(str(tensors_path)).items():
-        if key.startswith("param."):
-            params[key] = t
-            continue
-        i, name = key.split(".", 1)
-        state.setdefault(int(i), {})[name] = t
+    for key, t in tensors.items():
+        if not key.startswith("param."):
+            i, name = key.split(".", 1)
+            state.setdefault(int(i), {})[name] = t
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     with torch.no_grad():
         for g, group in enumerate(optimizer.param_groups):
             for i, p in enumerate(group["params"]):
-                p.copy_(params[f"param.{g}.{i}"])
+                p.copy_(tensors[f"param.{g}.{i}"])
     return None
