@@ -165,7 +165,7 @@ def main(argv=None) -> dict:
         n_layers, hidden = (int(x) for x in args.random_backbone.lower().split("x"))
         rm_dir = build_tiny_rm(Path(tmp.name) / "rm", layer=min(2, n_layers - 1) if n_layers <= 4 else n_layers - 1,
                                n_layers=n_layers, hidden=hidden)
-    cfg = ServeConfig(port=free_port(), replicas=args.replicas, num_cpus_per_replica=args.num_cpus)
+    cfg = ServeConfig(port=free_port(), replicas=args.replicas, num_cpus=args.num_cpus)
     items = make_items(args.items)
 
     # 1. in-process batched scoring, same thread count as one replica (again after the HTTP levels: the machine

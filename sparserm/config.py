@@ -1,20 +1,23 @@
-"""One typed config tree for every stage.
+"""One typed config tree for every stage: frozen dataclasses, their defaults here and nowhere else.
 
-Defaults live here and nowhere else. A YAML file overrides some of them, and the command line
-overrides any field as ``key.sub=value`` (the value is parsed as YAML, then type-checked).
-Unknown keys and wrong types raise ``ConfigError`` naming the key.
-"""
+A YAML file overrides some of them, and the command line any field as ``key.sub=value`` (parsed as YAML).
+pydantic checks it against the dataclasses (strict types, ranges and choices from the annotations; rules across
+fields: ``Config.validate``); unknown keys and wrong values raise ``ConfigError`` naming the dotted key."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
-import types
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import pydantic
+import pydantic_core
 import yaml
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt
 
 
 class ConfigError(ValueError):
@@ -40,7 +43,7 @@ class DataConfig:
         DataSource(path="../shared/data/hh_rlhf_harmless.jsonl.gz"),
         DataSource(path="../shared/data/truthfulqa.csv", max_per_prompt=2),
     )
-    eval_fraction: float = 0.2  # share of prompts held out, chosen by a hash of the prompt
+    eval_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2  # share of prompts held out, by a hash of the prompt
     split_salt: str = "sparserm"
 
 
@@ -50,12 +53,12 @@ class ModelConfig:
     name: str = "embedded"
     gguf_file: str | None = None  # file name inside `name` when that is a folder or hub repo holding GGUFs
     revision: str | None = None
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"  # auto | cpu | cuda
-    layer: int = 15  # residual stream after model.model.layers[layer]
-    extra_layers: tuple[int, ...] = ()  # further layers <= max layer read from the same pass
-    pooling: str = "mean_response"  # mean_response | last | mean (README: mean_response led by 3 CV points)
-    max_tokens: int = 256  # token budget per text (prompt + response), truncated from the left
+    layer: NonNegativeInt = 15  # residual stream after model.model.layers[layer]
+    extra_layers: tuple[NonNegativeInt, ...] = ()  # further layers read from the same pass
+    pooling: Literal["mean_response", "last", "mean"] = "mean_response"  # (README: mean_response led by 3 CV points)
+    max_tokens: Annotated[int, Field(ge=8)] = 256  # token budget per text (prompt + response), cut from the left
     chat_template: bool = True
 
     @property
@@ -66,13 +69,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class FeaturesConfig:
-    num_actors: int = 1
-    num_cpus_per_actor: float = 2.0
-    num_gpus_per_actor: float = 0.0
+    num_actors: PositiveInt = 1
+    num_cpus: NonNegativeFloat = 2.0  # per actor
+    num_gpus: NonNegativeFloat = 0.0  # per actor
     batch_size: int = 32  # pairs per actor call, one Parquet shard each (forwards within it: max_batch_tokens)
     share_prefix: bool = True  # run the shared prompt once per pair (tree-masked packing)
     max_batch_tokens: int = 4096  # padded tokens (rows x longest row) of one packed forward
-    token_sample_rate: float = 0.5  # share of per-token residuals kept for SAE training
+    token_sample_rate: Annotated[float, Field(gt=0, le=1)] = 0.5  # share of per-token residuals kept for the SAE
     max_sample_tokens: int = 150_000
     outlier_norm_factor: float = 10.0  # tokens with norm > factor x median norm are "massive" (excluded from SAE fit)
     torch_threads: int = 0  # 0: let torch decide
@@ -80,7 +83,7 @@ class FeaturesConfig:
 
 @dataclass(frozen=True)
 class SAEConfig:
-    source: str = "train"  # train | registry | local
+    source: Literal["train", "registry", "local"] = "train"
     release: str | None = None  # sae-lens registry release (source=registry)
     sae_id: str | None = None
     path: str | None = None  # local SAE folder (source=local)
@@ -97,10 +100,10 @@ class SAEConfig:
 
 @dataclass(frozen=True)
 class RewardConfig:
-    top_k: int = 128  # K latents per side; 2K directions
+    top_k: PositiveInt = 128  # K latents per side; 2K directions (2K <= the SAE's width)
     sweep_k: tuple[int, ...] = (32, 64, 128, 256)  # `rm sweep`: candidate K (layers: model.layer + extra_layers)
     hidden: int = 512
-    loss: str = "margin"  # margin | bt | bce
+    loss: Literal["margin", "bt", "bce"] = "margin"
     margin: float = 1.0
     epochs: int = 30
     lr: float = 1e-3
@@ -109,8 +112,9 @@ class RewardConfig:
     val_fraction: float = 0.15  # of the training split, for choosing the best epoch
     sweep_folds: int = 5  # `rm sweep`: (L, K) chosen by this many cross-validation folds of the training split
     head_seeds: int = 3  # `rm ablate`: heads fitted per variant (mean, spread and paired intervals reported)
-    num_workers: int = 1
-    use_gpu: bool = False
+    num_workers: PositiveInt = 1  # Ray Train workers of the head fit (DDP)
+    num_cpus: NonNegativeFloat = 1.0  # per worker
+    num_gpus: NonNegativeFloat = 0.0  # per worker; > 0 trains on GPUs
 
 
 @dataclass(frozen=True)
@@ -122,7 +126,7 @@ class AutoscalingSpec:
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """The reward-model service (``sparserm serve rm``)."""
+    """The reward-model service (``sparserm serve rm``); its rules and Ray Serve options: sparserm.serve.options."""
 
     host: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = 8000
@@ -134,49 +138,11 @@ class ServeConfig:
     max_ongoing_requests: int = 64  # HTTP/handle requests one replica accepts at once
     max_items_per_request: int = 256  # more items -> 413
     max_text_chars: int = 20000  # per text field (prompt, response, chosen, rejected, query, message content)
-    overlong: str = "reject"  # reject (413) | truncate (keep the last max_text_chars chars; indices reported)
+    overlong: Literal["reject", "truncate"] = "reject"  # 413, or keep the last max_text_chars chars (reported)
     auth_env: str = "SPARSERM_SERVE_TOKEN"  # env var holding the bearer token; unset or empty: no auth
-    num_cpus_per_replica: float = 1.0
-    num_gpus_per_replica: float = 0.0
+    num_cpus: NonNegativeFloat = 1.0  # per replica
+    num_gpus: NonNegativeFloat = 0.0  # per replica
     access_log: bool = False  # one log line per request in the replica logs (costs ~5% throughput)
-
-    def validate(self) -> "ServeConfig":
-        def check(ok: bool, key: str, value: Any, expected: str) -> None:
-            if not ok:
-                raise ConfigError(f"serve.{key}={value!r} is invalid: expected {expected}")
-
-        check(1 <= self.port <= 65535, "port", self.port, "1..65535")
-        check(self.replicas >= 1, "replicas", self.replicas, ">= 1")
-        if self.autoscaling is not None:
-            a = self.autoscaling
-            check(0 <= a.min_replicas <= a.max_replicas and a.max_replicas >= 1, "autoscaling",
-                  to_dict(a), "0 <= min_replicas <= max_replicas, max_replicas >= 1")
-        check(self.max_batch_size >= 1, "max_batch_size", self.max_batch_size, ">= 1")
-        check(self.max_batch_tokens >= 0, "max_batch_tokens", self.max_batch_tokens, ">= 0")
-        check(self.batch_wait_timeout_s >= 0, "batch_wait_timeout_s", self.batch_wait_timeout_s, ">= 0")
-        check(self.max_ongoing_requests >= 1, "max_ongoing_requests", self.max_ongoing_requests, ">= 1")
-        check(self.max_items_per_request >= 1, "max_items_per_request", self.max_items_per_request, ">= 1")
-        check(self.max_text_chars >= 1, "max_text_chars", self.max_text_chars, ">= 1")
-        check(self.overlong in ("reject", "truncate"), "overlong", self.overlong, "reject|truncate")
-        check(self.num_cpus_per_replica >= 0, "num_cpus_per_replica", self.num_cpus_per_replica, ">= 0")
-        check(self.num_gpus_per_replica >= 0, "num_gpus_per_replica", self.num_gpus_per_replica, ">= 0")
-        return self
-
-    def deployment_options(self) -> dict:
-        """Keyword arguments for ``Deployment.options``."""
-        opts: dict[str, Any] = {
-            "ray_actor_options": {"num_cpus": self.num_cpus_per_replica, "num_gpus": self.num_gpus_per_replica},
-            "max_ongoing_requests": self.max_ongoing_requests,
-            # a replica being stopped (downscale, redeploy) finishes what it accepted first
-            "graceful_shutdown_timeout_s": 30.0,
-            "logging_config": {"enable_access_log": self.access_log},
-        }
-        if self.autoscaling is not None:
-            auto = {k: v for k, v in to_dict(self.autoscaling).items() if v is not None}
-            opts["autoscaling_config"] = auto  # num_replicas left unset: the autoscaler owns it
-        else:
-            opts["num_replicas"] = self.replicas
-        return opts
 
 
 @dataclass(frozen=True)
@@ -188,50 +154,101 @@ class LoraSpec:
 
 
 @dataclass(frozen=True)
-class VLLMSpec:
-    num_engines: int = 1
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.5
-    max_model_len: int = 2048
-    max_lora_rank: int = 16
+class ActorSpec:
+    """Resources of one actor (or worker, or replica): the same two names in every stage."""
+
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
 
 
 @dataclass(frozen=True)
-class AlignConfig:
-    """Iterative alignment (``sparserm align``): generate -> filter by the RM -> DPO with LoRA, per round."""
+class VLLMSpec:
+    """vLLM generation engines (GPU). ``num_gpus`` is per tensor-parallel rank: 1 for a GPU of its own, a
+    fraction to share one GPU with the scorer, the evaluator and the DPO workers (``align`` colocates them)."""
 
-    rm_dir: str | None = None  # a SparseRM folder; None: `rm train` with this config (cached) into <out>/reward_model
-    rounds: int = 5
-    prompts_per_round: int = 400  # per task; each round draws fresh training prompts
-    filters: tuple[str, ...] = ("rm", "none")  # rm: keep s_chosen >= s_rejected; none: the paper's WO-RM run
-    # generation
+    num_engines: int = 1
+    tensor_parallel_size: int = 1
+    num_gpus: float = 1.0
+    num_cpus: float = 1.0
+    gpu_memory_utilization: float = 0.5  # share of the GPU's memory for weights + KV cache
+    max_model_len: int = 2048
+    max_lora_rank: int = 16
+    enable_sleep_mode: bool = True  # free the KV cache and offload weights while DPO trains on the same GPU
+    enforce_eager: bool = False
+
+
+@dataclass(frozen=True)
+class Labellers:
+    """The rule that labels a generated pair, per task (``sparserm.align.labellers``); never the RM that filters."""
+
+    truthfulqa: str = "truthfulqa_refs"  # ROUGE-L to correct minus incorrect references (TruthfulQA's metric)
+    harmless: str = "contrastive"  # harmless vs careless system instruction (RLCD-style); or judge | ranked
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
     engine: str = "auto"  # auto (vllm with a GPU, else hf) | hf | vllm
-    pair_mode: str = "contrastive"  # contrastive (instruction per side) | ranked (best/worst of n by the RM)
-    n_samples: int = 4  # ranked mode: samples per prompt
-    max_prompt_tokens: int = 96  # prompt tokens kept (from the left) for generation and DPO
+    labellers: Labellers = field(default_factory=Labellers)
+    n_samples: int = 4  # ranked: samples per prompt
+    judge_model: str | None = None  # judge labeller: a chat model (hub id or folder) asked which reply is better
+    max_prompt_tokens: int = 96  # prompt tokens kept for generation and DPO (the user turn is cut, never a system one)
     max_new_tokens: int = 64
     temperature: float = 0.7
     top_p: float = 0.95
-    generation_batch_size: int = 16
+    batch_size: int = 16
     vllm: VLLMSpec = field(default_factory=VLLMSpec)
-    # DPO
-    loss: str = "dpo"
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    name: str = "dpo"  # an entry of sparserm.align.losses.LOSSES
     beta: float = 0.1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """DPO with LoRA under DeepSpeed on Ray Train; resources are per worker."""
+
     epochs: int = 3
     lr: float = 5e-4
     batch_size: int = 8  # pairs per optimizer step (over all workers)
     micro_batch_size: int = 4  # pairs per forward per worker
     lora: LoraSpec = field(default_factory=LoraSpec)
-    deepspeed_stage: int = 2  # ZeRO stage 0-3 (bf16 on GPU, fp32 on CPU with gloo)
+    deepspeed_stage: int = 2  # ZeRO stage 0-3
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32; the reference runs in the same
     num_workers: int = 1
-    cpus_per_worker: float = 1.0
-    actor_cpus: float = 0.5  # per engine / evaluator / RM-scorer actor
-    use_gpu: bool = False
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0  # per worker; a fraction shares the GPU with the engines (colocated)
+    backend: str = "auto"  # torch.distributed backend: auto (nccl with GPUs, else gloo) | nccl | gloo
     torch_threads: int = 0  # 0: every core of the machine (generation and training never overlap)
-    # evaluation, every round
-    eval_mc_questions: int = 200  # TruthfulQA eval-split questions for MC1/MC2
-    eval_hh_pairs: int = 200  # HH eval pairs for the likelihood harmlessness measure
-    eval_winrate_prompts: int = 100  # eval prompts generated on and RM-scored against round 0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Every round's evaluation (sparserm.align.evaluate)."""
+
+    mc_questions: int = 200  # TruthfulQA eval-split questions for MC1/MC2 (0: all)
+    hh_pairs: int = 200  # HH eval pairs for the likelihood harmlessness measure (0: all)
+    winrate_prompts: int = 100  # eval prompts generated on and RM-scored against round 0
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """Iterative alignment (``sparserm align``): generate -> label by the task's rule -> filter by the RM ->
+    DPO with LoRA, per round."""
+
+    rm_dir: str | None = None  # a SparseRM folder; None: `rm train` with this config (cached) into <out>/reward_model
+    rounds: int = 5
+    prompts_per_round: int = 400  # per task; each round draws fresh training prompts
+    filters: tuple[str, ...] = ("rm", "none")  # rm: keep s_chosen >= s_rejected; none: the paper's WO-RM run
+    reference: str = "previous"  # previous (the round's starting policy) | base (the untuned model)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    policy: ActorSpec = field(default_factory=ActorSpec)  # the transformers policy (evaluation; generation on CPU)
+    scorer: ActorSpec = field(default_factory=ActorSpec)  # the SparseRM scorer
+    judge: ActorSpec = field(default_factory=ActorSpec)  # the judge labeller's model (when a task uses it)
 
 
 @dataclass(frozen=True)
@@ -254,33 +271,44 @@ class Config:
     align: AlignConfig = field(default_factory=AlignConfig)
 
     def validate(self) -> "Config":
-        m = self.model
-        _check(m.pooling in ("last", "mean_response", "mean"), "model.pooling", m.pooling, "last|mean_response|mean")
-        _check(m.dtype in ("float32", "bfloat16", "float16"), "model.dtype", m.dtype, "float32|bfloat16|float16")
-        _check(m.layer >= 0, "model.layer", m.layer, ">= 0")
-        for extra in m.extra_layers:
-            _check(0 <= extra <= max(m.layers), "model.extra_layers", extra, "0 <= layer")
-        _check(m.max_tokens >= 8, "model.max_tokens", m.max_tokens, ">= 8")
-        _check(self.sae.source in ("train", "registry", "local"), "sae.source", self.sae.source, "train|registry|local")
-        if self.sae.source == "registry":
-            _check(bool(self.sae.release and self.sae.sae_id), "sae.release", self.sae.release, "release and sae_id set")
-        if self.sae.source == "local":
-            _check(bool(self.sae.path), "sae.path", self.sae.path, "a folder")
-        _check(self.reward.loss in ("margin", "bt", "bce"), "reward.loss", self.reward.loss, "margin|bt|bce")
-        _check(0.0 < self.data.eval_fraction < 1.0, "data.eval_fraction", self.data.eval_fraction, "in (0, 1)")
-        _check(0.0 < self.features.token_sample_rate <= 1.0, "features.token_sample_rate",
-               self.features.token_sample_rate, "in (0, 1]")
-        self.serve.validate()
+        build(Config, to_dict(self))  # the annotations' types, ranges and choices, also for a Config made in code
+        s = self.sae  # a registry/local SAE's width, layer and d_in are checked where it is read (sparserm.sae)
+        _check(s.source != "registry" or bool(s.release and s.sae_id), "sae.release", s.release, "set, with sae.sae_id")
+        _check(s.source != "local" or bool(s.path), "sae.path", s.path, "a folder")
+        _check(s.source != "train" or 2 * self.reward.top_k <= s.width, "reward.top_k", self.reward.top_k,
+               f"<= {s.width // 2}: 2 x top_k disjoint latents of sae.width={s.width}")
+        from sparserm.align.labellers import LABELLERS
+        from sparserm.align.losses import LOSSES
+        from sparserm.serve.options import validate_serve
+
+        validate_serve(self.serve)
         a = self.align
+        g, t = a.generate, a.train
+        _check(a.loss.name in LOSSES, "align.loss.name", a.loss.name, "|".join(sorted(LOSSES)))
         _check(a.rounds >= 1, "align.rounds", a.rounds, ">= 1")
-        _check(a.engine in ("auto", "hf", "vllm"), "align.engine", a.engine, "auto|hf|vllm")
-        _check(a.pair_mode in ("contrastive", "ranked"), "align.pair_mode", a.pair_mode, "contrastive|ranked")
-        _check(a.pair_mode != "ranked" or a.n_samples >= 2, "align.n_samples", a.n_samples, ">= 2 in ranked mode")
+        _check(a.reference in ("previous", "base"), "align.reference", a.reference, "previous|base")
+        _check(g.engine in ("auto", "hf", "vllm"), "align.generate.engine", g.engine, "auto|hf|vllm")
         _check(bool(a.filters) and set(a.filters) <= {"rm", "none"}, "align.filters", a.filters, "a list of rm|none")
-        _check(a.deepspeed_stage in (0, 1, 2, 3), "align.deepspeed_stage", a.deepspeed_stage, "0|1|2|3")
-        _check(a.batch_size % (a.micro_batch_size * a.num_workers) == 0, "align.batch_size", a.batch_size,
+        for task in ("truthfulqa", "harmless"):
+            name = getattr(g.labellers, task)
+            _check(name in LABELLERS, f"align.generate.labellers.{task}", name, "|".join(sorted(LABELLERS)))
+            _check(not (LABELLERS[name].uses_rm and "rm" in a.filters), f"align.generate.labellers.{task}", name,
+                   f"a rule labeller when align.filters has rm: {name} pairs are labelled by the RM itself, so "
+                   "the RM filter would keep every pair (use filters: [none], or another labeller)")
+            _check(name != "judge" or bool(g.judge_model), "align.generate.judge_model", g.judge_model,
+                   "a chat model id or folder for the judge labeller")
+        _check(g.n_samples >= 2, "align.generate.n_samples", g.n_samples, ">= 2")
+        _check(0 < g.vllm.gpu_memory_utilization <= 1, "align.generate.vllm.gpu_memory_utilization",
+               g.vllm.gpu_memory_utilization, "in (0, 1]")
+        _check(t.deepspeed_stage in (0, 1, 2, 3), "align.train.deepspeed_stage", t.deepspeed_stage, "0|1|2|3")
+        _check(t.precision in ("auto", "bf16", "fp32"), "align.train.precision", t.precision, "auto|bf16|fp32")
+        _check(t.backend in ("auto", "nccl", "gloo"), "align.train.backend", t.backend, "auto|nccl|gloo")
+        _check(t.batch_size % (t.micro_batch_size * t.num_workers) == 0, "align.train.batch_size", t.batch_size,
                "a multiple of micro_batch_size x num_workers")
-        _check(a.beta > 0, "align.beta", a.beta, "> 0")
+        for key, spec in (("policy", a.policy), ("scorer", a.scorer), ("judge", a.judge), ("train", t),
+                          ("generate.vllm", g.vllm)):
+            _check(spec.num_cpus >= 0 and spec.num_gpus >= 0, f"align.{key}.num_gpus", spec.num_gpus, ">= 0")
+        _check(a.loss.beta > 0, "align.loss.beta", a.loss.beta, "> 0")
         return self
 
 
@@ -289,147 +317,82 @@ def _check(ok: bool, key: str, value: Any, expected: str) -> None:
         raise ConfigError(f"{key}={value!r} is invalid: expected {expected}")
 
 
-# ---------------------------------------------------------------- building from dicts
+# ---------------------------------------------------------------- building from dicts (pydantic)
+
+_Loader = type("_Loader", (yaml.SafeLoader,), {})  # YAML 1.1 reads 5e-3 and 1.5e3 as strings; this one: floats
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+    r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+.0123456789"))
+for _cls in [c for c in list(globals().values()) if isinstance(c, type) and dataclasses.is_dataclass(c)]:
+    _cls.__pydantic_config__ = pydantic.ConfigDict(extra="forbid", strict=True)  # strict: a bool is no int
+_adapter = functools.cache(pydantic.TypeAdapter)
 
 
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+def _section(tp: Any, lists: bool = True) -> dict[str, Any] | None:
+    """Field types of the dataclass a ``tp`` holds: ``X``, ``X | None`` (``tuple[X, ...]`` if ``lists``); or None."""
+    inner = [a for a in (tp, *typing.get_args(tp)) if isinstance(a, type) and dataclasses.is_dataclass(a)]
+    return typing.get_type_hints(inner[0]) if inner and (lists or typing.get_origin(tp) is not tuple) else None
 
 
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` and convert lists/dicts to tuples/dataclasses."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(arg, value, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(f"{key}: {value!r} does not fit {tp}")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        item_tp = args[0] if args else Any
-        return tuple(_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value))
-    if _is_dataclass_type(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
-        return build(tp, value, prefix=key)
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "5e-3" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {type(value).__name__} {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported type {tp}")
+def _message(cls: type, prefix: str, e: dict) -> str:
+    """One pydantic error as text, its ``loc`` as our dotted key (``data.sources[0].path``)."""
+    key = (prefix + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"])).lstrip(".")
+    if e["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+        known = functools.reduce(lambda f, p: f if isinstance(p, int) else _section(f.get(p)) or {}, e["loc"][:-1],
+                                 _section(cls))
+        return f"unknown config key {key} (known: {', '.join(sorted(known))})"
+    got = "" if e["type"] == "missing" else f"={e['input']!r} ({type(e['input']).__name__})"
+    return f"{key or cls.__name__}{got} is invalid: {e['msg']}"
 
 
-def build(cls: type, values: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown config key {where}{unknown[0]} (known: {', '.join(sorted(names))})")
-    kwargs = {name: _coerce(hints[name], v, f"{prefix}.{name}" if prefix else name) for name, v in values.items()}
-    return cls(**kwargs)
+def build(cls: type, values: Any, prefix: str = "") -> Any:
+    """``cls`` from a mapping (YAML, ``to_dict`` output), by pydantic's strict JSON rules: arrays to tuples, objects
+    to dataclasses, an int is a float, absent keys at their defaults. ``prefix`` names ``values`` in errors."""
+    try:
+        return _adapter(cls).validate_json(pydantic_core.to_json(values, inf_nan_mode="constants"))
+    except pydantic_core.PydanticSerializationError as exc:
+        raise ConfigError(f"{prefix or cls.__name__}: not a config value ({exc})") from None
+    except pydantic.ValidationError as exc:
+        raise ConfigError("; ".join(_message(cls, prefix, e) for e in exc.errors())) from None
 
 
-def to_dict(cfg: Any) -> Any:
-    if dataclasses.is_dataclass(cfg):
-        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-    if isinstance(cfg, tuple):
-        return [to_dict(v) for v in cfg]
-    return cfg
+to_dict = pydantic_core.to_jsonable_python  # config object -> plain dicts, lists and scalars; `build` reads them back
+replace = dataclasses.replace
 
 
-def _set_path(tree: dict, dotted: str, value: Any, valid: type) -> None:
-    parts = dotted.split(".")
-    cls: Any = valid
-    node = tree
-    for i, part in enumerate(parts):
-        if not _is_dataclass_type(cls):
-            raise ConfigError(f"unknown config key {dotted}: {'.'.join(parts[:i])} has no sub-keys")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        if part not in fields:
-            raise ConfigError(f"unknown config key {dotted} (known under {'.'.join(parts[:i]) or 'top level'}: "
-                              f"{', '.join(sorted(fields))})")
-        if i == len(parts) - 1:
-            node[part] = value
-        else:
-            node = node.setdefault(part, {})
-            cls = typing.get_type_hints(cls)[part]
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    """Put ``value`` at ``a.b.c`` of a YAML tree; ``a.b`` must be config sections (pydantic checks the rest). Each
+    mapping on the way is copied (YAML aliases share them); a None (an unset ``serve.autoscaling``) becomes one."""
+    *parents, last = dotted.split(".")
+    node, fields = tree, _section(Config)
+    for i, part in enumerate(parents):
+        if (fields := _section(fields.get(part), lists=False)) is None:
+            raise ConfigError(f"unknown config key {dotted}: {'.'.join(parents[:i + 1])} is not a config section")
+        node[part] = node = dict(node[part]) if isinstance(node.get(part), dict) else {}
+    node[last] = value
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    if "=" not in text:
+    key, eq, raw = text.partition("=")
+    if not eq:
         raise ConfigError(f"override {text!r} is not of the form key.sub=value")
-    key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        return key.strip(), (yaml.load(raw, Loader=_Loader) if raw else "")
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from exc
-    return key.strip(), value
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- YAML file <- ``key.sub=value`` overrides; validated.
-
-    Relative data paths in a YAML file are resolved against the current directory (the checkout root
-    in the README's commands), so configs are written relative to the project root.
-    """
-    tree: dict = {}
+    """Defaults <- YAML file <- ``key.sub=value`` overrides, validated; relative paths are from the current folder."""
+    tree: Any = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        loaded = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level")
-        tree = loaded
-    base = to_dict(Config())
-    merged = _merge(base, tree, "")
+        if not Path(path).is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            tree = yaml.load(Path(path).read_text(), Loader=_Loader) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from exc
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
     for item in overrides:
-        key, value = parse_override(item)
-        patch: dict = {}
-        _set_path(patch, key, value, Config)
-        merged = _merge(merged, patch, "")
-    return build(Config, merged).validate()
-
-
-def _merge(base: Any, patch: Any, prefix: str) -> Any:
-    if isinstance(base, dict) and isinstance(patch, dict):
-        out = dict(base)
-        for k, v in patch.items():
-            out[k] = _merge(base[k], v, f"{prefix}.{k}" if prefix else k) if k in base else v
-        return out
-    return patch
-
-
-def replace(cfg: Any, **changes: Any) -> Any:
-    return dataclasses.replace(cfg, **changes)
+        _set_path(tree, *parse_override(item))
+    return build(Config, tree).validate()

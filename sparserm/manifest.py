@@ -107,3 +107,33 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def read_jsonl(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+class StaleArtifactError(ValueError):
+    """An artifact on disk that other inputs or settings produced."""
+
+
+def key_diff(stored: Any, key: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the fields where two keys (nested dicts) differ."""
+    if isinstance(stored, dict) and isinstance(key, dict):
+        out = []
+        for k in sorted(set(stored) | set(key), key=str):
+            out += key_diff(stored.get(k), key.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return [] if json.dumps(stored, sort_keys=True, default=str) == json.dumps(key, sort_keys=True, default=str) \
+        else [prefix or "(whole key)"]
+
+
+def check_key(stored: dict | None, key: dict, what: str | Path) -> None:
+    """Refuse an artifact whose recorded key is not ``key``, naming the fields that differ."""
+    diff = ["(no key recorded)"] if stored is None else key_diff(stored, key)
+    if diff:
+        raise StaleArtifactError(f"{what} was produced by other inputs or settings (differs in: {', '.join(diff)}); "
+                                 "rerun with the settings that made it, or use a new output directory")
+
+
+def folder_hash(folder: str | Path, patterns: tuple[str, ...] = ("*.json", "*.safetensors")) -> str:
+    """Content hash of a folder's artifact files (names and bytes), for keys that name what a model was."""
+    root = Path(folder)
+    files = sorted({p for pat in patterns for p in root.rglob(pat) if p.is_file()})
+    return stable_hash([[str(p.relative_to(root)), file_sha256(p)] for p in files])

@@ -54,3 +54,95 @@ def test_shipped_configs_load(name):
     cfg = load_config(ROOT / "jobs" / "configs" / f"{name}.yaml")
     if name != "quickstart":
         assert cfg.sae.source == "registry" and cfg.sae.release and cfg.sae.sae_id
+
+
+# ---------------------------------------------------------------- pydantic-backed building: messages and types
+
+
+@pytest.mark.parametrize("override, message", [
+    # unknown keys: the full dotted key, and the keys that do exist there
+    ("reward.topk=3", r"unknown config key reward\.topk \(known: .*\btop_k\b"),
+    ("align.generate.vllm.num_gpu=1", r"unknown config key align\.generate\.vllm\.num_gpu \(known: .*num_gpus"),
+    ("data.sources=[{path: a.jsonl, bogus: 1}]", r"unknown config key data\.sources\[0\]\.bogus \(known: format, "
+                                                 r"max_pairs, max_per_prompt, path, split\)"),
+    ("serve.autoscaling={min_replicas: 1, most: 3}", r"serve\.autoscaling\.most \(known: max_replicas, min_replicas"),
+    ("model.layer.x=1", r"unknown config key model\.layer\.x: model\.layer is not a config section"),
+    # the renamed resource keys: the old names are unknown, the message lists the new ones
+    ("features.num_gpus_per_actor=1", r"features\.num_gpus_per_actor \(known: .*num_actors, num_cpus, num_gpus"),
+    ("reward.use_gpu=true", r"reward\.use_gpu \(known: .*num_cpus, num_gpus, num_workers"),
+    ("serve.num_cpus_per_replica=1", r"serve\.num_cpus_per_replica \(known: .*num_cpus, num_gpus"),
+    # wrong types: the dotted key, the value and its type; strict (a bool is no int, a string no number)
+    ("model.layer=abc", r"model\.layer='abc' \(str\) is invalid: Input should be a valid integer"),
+    ("reward.top_k=true", r"reward\.top_k=True \(bool\) is invalid"),
+    ("reward.top_k=8.0", r"reward\.top_k=8\.0 \(float\) is invalid"),
+    ("reward.lr='0.1'", r"reward\.lr='0\.1' \(str\) is invalid: Input should be a valid number"),
+    ("reward.lr=true", r"reward\.lr=True \(bool\) is invalid"),
+    ("model.name=5", r"model\.name=5 \(int\) is invalid: Input should be a valid string"),
+    ("align.generate.vllm.num_gpus=x", r"align\.generate\.vllm\.num_gpus='x' \(str\) is invalid"),
+    ("model.extra_layers=[1, x]", r"model\.extra_layers\[1\]='x'"),
+    ("model.extra_layers=3", r"model\.extra_layers=3 \(int\) is invalid"),
+    ("data.sources=[{max_pairs: 5}]", r"data\.sources\[0\]\.path is invalid: Field required"),
+    ("serve.autoscaling=3", r"serve\.autoscaling=3 \(int\) is invalid"),
+    # ranges and choices from the annotations
+    ("model.pooling=max", r"model\.pooling='max' \(str\) is invalid: Input should be 'mean_response', 'last' or "
+                          r"'mean'"),
+    ("features.num_gpus=-1", r"features\.num_gpus=-1 \(int\) is invalid: Input should be greater than or equal to 0"),
+    ("model.extra_layers=[1, -2]", r"model\.extra_layers\[1\]=-2"),
+    ("data.eval_fraction=1", r"data\.eval_fraction=1 \(int\) is invalid: Input should be less than 1"),
+    ("reward.num_gpus=-0.5", r"reward\.num_gpus=-0\.5"),
+    ("serve.num_cpus=-1", r"serve\.num_cpus=-1"),
+    # across fields: 2 x top_k disjoint latents of the SAE trained here
+    ("reward.top_k=2049", r"reward\.top_k=2049 is invalid: expected <= 2048: 2 x top_k disjoint latents of "
+                          r"sae\.width=4096"),
+])
+def test_error_messages_name_the_dotted_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_all_errors_of_a_file_are_reported_at_once(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  layer: true\nsae:\n  widht: 100\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "model.layer=True (bool)" in str(info.value) and "unknown config key sae.widht (known: " in str(info.value)
+    path.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config(path)
+    path.write_text("model: {layer: [\n")
+    with pytest.raises(ConfigError, match="c.yaml"):
+        load_config(path)
+
+
+def test_types_from_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    # YAML 1.1 reads 5e-3 (no dot) and 1.5e3 (no exponent sign) as strings; the loader reads floats
+    path.write_text("reward:\n  lr: 5e-3\n  weight_decay: 1.5e3\n  sweep_k: [8, 16]\nfeatures:\n  num_cpus: 1\n"
+                    "align:\n  policy: &res {num_cpus: 1, num_gpus: 0}\n  scorer: *res\n")
+    cfg = load_config(path, ["align.generate.vllm.num_gpus=0.4", "serve.autoscaling.max_replicas=3",
+                             "align.scorer.num_gpus=0.2", "run.ray_address=null", "model.extra_layers=[3, 6]"])
+    assert cfg.reward.lr == 5e-3 and cfg.reward.weight_decay == 1500.0
+    assert cfg.reward.sweep_k == (8, 16) and cfg.model.extra_layers == (3, 6)  # tuples from lists
+    assert cfg.features.num_cpus == 1.0 and isinstance(cfg.features.num_cpus, float)  # an int is a float
+    assert cfg.align.generate.vllm.num_gpus == 0.4 and cfg.align.generate.vllm.num_engines == 1
+    assert cfg.serve.autoscaling.max_replicas == 3 and cfg.serve.autoscaling.min_replicas == 1  # X | None: built
+    assert cfg.align.scorer.num_gpus == 0.2 and cfg.align.policy.num_gpus == 0.0  # an alias is not shared
+    assert cfg.run.ray_address is None
+    assert load_config(None, ["reward.lr=5e-3"]).reward.lr == 5e-3
+
+
+def test_build_reads_to_dict_output_back():
+    from sparserm.config import AlignConfig, ModelConfig, ServeConfig, build, replace
+
+    cfg = load_config(None, ["model.extra_layers=[3]", "serve.autoscaling={max_replicas: 2}"])
+    assert build(Config, to_dict(cfg)) == cfg
+    assert build(ModelConfig, to_dict(cfg.model)) == cfg.model and build(AlignConfig, to_dict(cfg.align)) == cfg.align
+    assert build(ModelConfig, {"layer": 3}) == ModelConfig(layer=3)  # absent keys: defaults
+    assert build(Config, {"serve": ServeConfig(port=9)}).serve.port == 9  # dataclass objects are values too
+    with pytest.raises(ConfigError, match=r"unknown config key model\.layr \(known: chat_template, "):
+        build(ModelConfig, {"layr": 3}, "model")
+    with pytest.raises(ConfigError, match=r"^layer='3' \(str\)"):
+        build(ModelConfig, {"layer": "3"})
+    assert replace(cfg.model, layer=4).layer == 4
+    with pytest.raises(ConfigError, match=r"model\.pooling='max'"):  # validate() checks a Config made in code too
+        Config(model=ModelConfig(pooling="max")).validate()

@@ -72,8 +72,11 @@ def response_logprobs(model, batch: SequenceBatch, average: bool = False) -> tor
 
 
 @torch.no_grad()
-def group_logprobs(model, group: TokenGroup) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs [n] and token counts [n] of each response of ``group`` (prompt run once)."""
+def group_logprobs(model, group: TokenGroup, prefix_cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs [n] and token counts [n] of each response of ``group`` (prompt run once).
+
+    ``prefix_cache`` (optional): an object with ``ids`` (tokens that ``group.prefix`` starts with) and
+    ``fresh(model)`` (a new cache holding their key/value states), so only the rest of the prefix runs."""
     from transformers import DynamicCache
 
     if not group.prefix:
@@ -83,8 +86,12 @@ def group_logprobs(model, group: TokenGroup) -> tuple[torch.Tensor, torch.Tensor
     lengths = torch.tensor([len(s) for s in group.suffixes])
     if n == 0 or int(lengths.min()) == 0:
         raise ValueError("group_logprobs: every response needs at least one token")
+    done = 0
     cache = DynamicCache(config=model.config)
-    prefix = torch.tensor([group.prefix], device=device)
+    if prefix_cache is not None and len(group.prefix) > len(prefix_cache.ids) \
+            and group.prefix[: len(prefix_cache.ids)] == prefix_cache.ids:
+        done, cache = len(prefix_cache.ids), prefix_cache.fresh(model)
+    prefix = torch.tensor([group.prefix[done:]], device=device)
     first = model(input_ids=prefix, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]  # [V]
     cache.batch_repeat_interleave(n)
     L = int(lengths.max())

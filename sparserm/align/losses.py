@@ -1,4 +1,4 @@
-"""Preference losses over sequence log-probs, by name (``align.loss``). FPO adds its own entry.
+"""Preference losses over sequence log-probs, by name (``align.loss.name``). FPO adds its own entry.
 
 Each loss takes the policy's and the reference's summed response log-probs of the chosen (w) and
 rejected (l) responses, [B] each, and returns the per-pair loss [B] and the implicit reward margin
@@ -25,7 +25,7 @@ def register(name: str) -> Callable[[LossFn], LossFn]:
 
 def get_loss(name: str) -> LossFn:
     if name not in LOSSES:
-        raise ValueError(f"align.loss={name!r} is unknown: expected one of {sorted(LOSSES)}")
+        raise ValueError(f"align.loss.name={name!r} is unknown: expected one of {sorted(LOSSES)}")
     return LOSSES[name]
 
 

@@ -1,64 +1,43 @@
-"""Candidate pairs from the current policy (``align.pair_mode``).
-
-- ``contrastive`` (default): two generations per prompt, one under the task's chosen-side instruction and
-  one under its rejected-side instruction (``prompts.INSTRUCTIONS``); the label comes from the instruction.
-- ``ranked``: ``n_samples`` plain generations per prompt, the RM's best as chosen and its worst as
-  rejected (best-of-n vs worst-of-n); these pairs carry the scores they were ranked by, so the filter
-  does not score them again.
-Pairs with an empty or identical side are dropped and counted.
-"""
+"""Candidate pairs from the current policy: each task's labeller says what to generate for a prompt, one
+engine call generates for every prompt of the round, and the labeller labels what came back
+(:mod:`sparserm.align.labellers`). Dropped pairs are counted by reason."""
 from __future__ import annotations
 
-import ray
+from collections import Counter
 
 from sparserm.align.engines.base import Sampling
-from sparserm.align.prompts import INSTRUCTIONS, with_instruction
+from sparserm.align.labellers import LabelContext, PromptItem, get_labeller
 from sparserm.config import AlignConfig
 
 
 def sampling_of(a: AlignConfig) -> dict:
-    return Sampling.of(a).to_dict()
+    return Sampling.of(a.generate).to_dict()
 
 
-def _keep(pair: dict, stats: dict) -> bool:
-    if not pair["chosen"] or not pair["rejected"]:
-        stats["dropped_empty"] += 1
-        return False
-    if pair["chosen"] == pair["rejected"]:
-        stats["dropped_identical"] += 1
-        return False
-    return True
+def labeller_of(a: AlignConfig, task: str):
+    return get_labeller(getattr(a.generate.labellers, task))
 
 
-def make_pairs(pool, scorer, items: list[tuple[str, str]], a: AlignConfig, seed: int) -> tuple[list[dict], dict]:
-    """``items``: (task, prompt). Returns pairs ``{prompt, chosen, rejected, task}`` and generation counts."""
-    max_chars = 4 * a.max_prompt_tokens
-    stats = {"n_prompts": len(items), "dropped_empty": 0, "dropped_identical": 0, "n_generated": 0,
-             "generated_tokens": 0}
-    pairs = []
-    if a.pair_mode == "contrastive":
-        convs = [with_instruction(p, INSTRUCTIONS[t][side], max_chars) for t, p in items for side in (0, 1)]
-        gens = pool.generate(convs, sampling_of(a), seed, a.generation_batch_size)
-        for k, (task, prompt) in enumerate(items):
-            pair = {"prompt": prompt, "chosen": gens[2 * k]["text"], "rejected": gens[2 * k + 1]["text"], "task": task}
-            if _keep(pair, stats):
-                pairs.append(pair)
-    else:
-        n = a.n_samples
-        convs = [with_instruction(p, None, max_chars) for _, p in items for _ in range(n)]
-        gens = pool.generate(convs, sampling_of(a), seed, a.generation_batch_size)
-        texts = [g["text"] for g in gens]
-        prompts = [p for _, p in items for _ in range(n)]
-        scores = ray.get(scorer.score.remote(prompts, texts))
-        for k, (task, prompt) in enumerate(items):
-            block = list(range(k * n, (k + 1) * n))
-            best = max(block, key=lambda i: scores[i])
-            worst = min(block, key=lambda i: scores[i])
-            pair = {"prompt": prompt, "chosen": texts[best], "rejected": texts[worst], "task": task,
-                    "score_chosen": float(scores[best]), "score_rejected": float(scores[worst])}
-            if _keep(pair, stats):
-                pairs.append(pair)
-    stats["n_generated"] = len(gens)
-    stats["generated_tokens"] = sum(g["n_tokens"] for g in gens)
-    stats["n_pairs"] = len(pairs)
+def make_pairs(pool, ctx: LabelContext, items: list[PromptItem], a: AlignConfig, seed: int) -> tuple[list[dict], dict]:
+    """Returns pairs ``{prompt, chosen, rejected, task, label_source, ...}`` and the generation counts."""
+    g = a.generate
+    max_chars = 4 * g.max_prompt_tokens  # a cheap cut before tokenizing; engines clip to the token budget
+    convs, spans = [], []
+    for item in items:
+        c = labeller_of(a, item.task).conversations(item, g.n_samples, max_chars)
+        spans.append((len(convs), len(convs) + len(c)))
+        convs += c
+    gens = pool.generate(convs, sampling_of(a), seed, g.batch_size)
+    texts = [[gens[i]["text"] for i in range(s, e)] for s, e in spans]
+    labelled: list = [None] * len(items)
+    for task in dict.fromkeys(i.task for i in items):  # one batched label call per task
+        idx = [k for k, it in enumerate(items) if it.task == task]
+        for k, res in zip(idx, labeller_of(a, task).label([items[k] for k in idx], [texts[k] for k in idx], ctx)):
+            labelled[k] = res
+    pairs = [p for p, _ in labelled if p is not None]
+    dropped = Counter(why for p, why in labelled if p is None)
+    stats = {"n_prompts": len(items), "n_generated": len(gens), "generated_tokens": sum(x["n_tokens"] for x in gens),
+             "n_pairs": len(pairs), "dropped": dict(sorted(dropped.items())),
+             "per_task": {t: {"n_prompts": sum(i.task == t for i in items), "n_pairs": sum(p["task"] == t for p in pairs)}
+                          for t in dict.fromkeys(i.task for i in items)}}
     return pairs, stats

@@ -8,7 +8,7 @@ Evaluation prompts come from the eval split (the same prompt hash as the reward 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sparserm.config import Config
 from sparserm.data import is_eval, load_pairs, resolve_format
@@ -31,6 +31,7 @@ class TaskData:
     train_prompts: list[str]  # shuffled, unique
     eval_pairs: list[dict]  # eval-split preference rows
     mc: list[MCQuestion]  # eval-split TruthfulQA questions (truthfulqa only)
+    references: dict[str, MCQuestion] = field(default_factory=dict)  # question -> its answers (truthfulqa only)
 
 
 def task_of(path: str, fmt: str) -> str:
@@ -51,10 +52,12 @@ def load_tasks(cfg: Config) -> list[TaskData]:
             if is_eval(r["prompt"], frac, salt) and r["prompt"] not in seen:
                 seen.add(r["prompt"])
                 eval_pairs.append(r)
-        mc = []
+        mc, refs = [], {}
         if task == "truthfulqa":
-            mc = [q for q in load_truthfulqa_mc(src.path) if is_eval(q.question, frac, salt)]
-        out.append(TaskData(task, src.path, train, eval_pairs, mc))
+            questions = load_truthfulqa_mc(src.path)
+            mc = [q for q in questions if is_eval(q.question, frac, salt)]
+            refs = {q.question: q for q in questions}
+        out.append(TaskData(task, src.path, train, eval_pairs, mc, refs))
     return out
 
 

@@ -1,4 +1,6 @@
-"""The per-round table (Markdown + JSON) and a PNG of the metrics over rounds, one line per filter."""
+"""The per-round table (Markdown + JSON), the filtered-minus-WO-RM difference of every metric per round with a
+95% paired bootstrap interval (same questions, pairs and prompts on both sides), and a PNG of the metrics
+over rounds, one line per filter."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +8,8 @@ from pathlib import Path
 from sparserm.manifest import write_json
 
 METRICS = ("mc1", "mc2", "harmless", "rm_win_rate")
-COLUMNS = ("round", "filter", "n_kept", "n_pairs", "dpo_loss", "dpo_reward_accuracy", *METRICS, "rm_score_mean")
+COLUMNS = ("round", "filter", "n_kept", "n_pairs", "rm_agreement", "dpo_loss", "dpo_reward_accuracy", *METRICS,
+           "rm_score_mean")
 
 
 def _fmt(v) -> str:
@@ -46,10 +49,36 @@ def plot(rows: dict[str, list[dict]], path: Path) -> Path:
     return path
 
 
-def write_report(out: Path, rows: dict[str, list[dict]], timings: dict | None = None) -> Path:
-    write_json(out / "report.json", {"rows": rows, "timings": timings or {}})
+def paired_intervals(per_item: dict[str, dict[str, list[float]]], a: str = "rm", b: str = "none") -> list[dict]:
+    """Per round and metric: mean of filter ``a`` minus filter ``b`` over the same items, with its interval."""
+    from sparserm.reward.accuracy import paired_difference
+
+    out = []
+    rounds = sorted({int(k.split("/")[1]) for k in per_item if k.startswith(f"{a}/")})
+    for r in rounds:
+        pa, pb = per_item.get(f"{a}/{r}", {}), per_item.get(f"{b}/{r}", {})
+        for metric in METRICS:
+            if pa.get(metric) and len(pa[metric]) == len(pb.get(metric, [])):
+                out.append({"round": r, "metric": metric, "n": len(pa[metric]),
+                            **paired_difference(pa[metric], pb[metric], seed=r)})
+    return out
+
+
+def intervals_md(diffs: list[dict]) -> str:
+    lines = ["| round | metric | n | SparseRM-filtered minus WO RM | 95% paired bootstrap |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {d['round']} | {d['metric']} | {d['n']} | {d['diff']:+.3f} | [{d['lo']:+.3f}, {d['hi']:+.3f}] |"
+              for d in diffs]
+    return "\n".join(lines)
+
+
+def write_report(out: Path, rows: dict[str, list[dict]], timings: dict | None = None,
+                 per_item: dict[str, dict[str, list[float]]] | None = None) -> Path:
+    diffs = paired_intervals(per_item or {})
+    write_json(out / "report.json", {"rows": rows, "paired_differences": diffs, "timings": timings or {}})
     plot(rows, out / "metrics.png")
     text = ["# Iterative alignment", "", table_md(rows), "", "![metrics over rounds](metrics.png)", ""]
+    if diffs:
+        text += [intervals_md(diffs), ""]
     if timings:
         phases = ", ".join(f"{k} {v}" for k, v in timings.items() if k != "this_invocation")
         text += [f"Seconds per phase, summed over every invocation on this folder: {phases}; "

@@ -2,9 +2,12 @@
 
 Each worker loads the base model once, adds (or continues) the LoRA adapter with peft and hands the model
 with an AdamW over the adapter's parameters to ``deepspeed.initialize`` (ZeRO stage from config; bf16 on
-GPU, fp32 on CPU). The reference is the same model with the adapter disabled (no second copy); its
-log-probs are computed once per round, shared across workers by an all-reduce, and stored in the
-checkpoint. Every epoch rank 0 writes a checkpoint:
+CUDA, fp32 on CPU unless ``align.train.precision`` says otherwise). The reference is the same model (no
+second copy): with the adapter disabled (``align.reference: base``) or as the round starts
+(``previous``: the previous round's policy). Its log-probs are computed once per round through the
+DeepSpeed engine itself, after ``initialize``, so reference and policy run in the same dtype on the same
+weights and u = 0 before the first step (recorded as ``u_abs_max_before_first_step``); pairs are split
+over workers, then all-reduced, and stored in the checkpoint. Every epoch rank 0 writes a checkpoint:
 
     adapter/                  peft adapter (adapter_model.safetensors + adapter_config.json)
     reference.safetensors     reference log-probs of every pair (chosen, rejected)
@@ -13,10 +16,13 @@ checkpoint. Every epoch rank 0 writes a checkpoint:
 
 A rerun with the same ``storage_dir``/``name`` resumes after the last finished epoch (Ray Train's run
 snapshot) with the adapter and the optimizer moments of that epoch. The shuffle of epoch e depends only on
-(seed, e), so a resumed run follows the same steps as an unbroken one.
+(seed, e), so a resumed run follows the same steps as an unbroken one. The run's fingerprint covers what
+changes training (pairs, ``align.train``, ``align.loss``, ``align.reference``, the model, the starting
+adapter's content, the token budget, the seed), so an evaluation or generation setting never blocks a resume.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -25,19 +31,26 @@ from pathlib import Path
 
 import torch
 
-from sparserm.config import AlignConfig, Config, to_dict
+from sparserm.config import AlignConfig, Config, TrainConfig, to_dict
 
-__all__ = ["train_dpo", "ds_config"]
+from sparserm.manifest import stable_hash
+
+__all__ = ["train_dpo", "ds_config", "adapter_hash"]
 
 
-def ds_config(a: AlignConfig, world: int, use_gpu: bool) -> dict:
-    micro = a.micro_batch_size
+def use_bf16(t: TrainConfig, device) -> bool:
+    """``auto``: bf16 on CUDA, fp32 elsewhere."""
+    return t.precision == "bf16" or (t.precision == "auto" and torch.device(device).type == "cuda")
+
+
+def ds_config(t: TrainConfig, world: int, bf16: bool) -> dict:
+    micro = t.micro_batch_size
     return {
         "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": max(1, a.batch_size // (micro * world)),
-        "zero_optimization": {"stage": a.deepspeed_stage},
+        "gradient_accumulation_steps": max(1, t.batch_size // (micro * world)),
+        "zero_optimization": {"stage": t.deepspeed_stage},
         "gradient_clipping": 1.0,
-        "bf16": {"enabled": bool(use_gpu)},
+        "bf16": {"enabled": bool(bf16)},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -66,8 +79,6 @@ def _pair_logprobs(model, seqs: list[tuple], idx: list[int], pad_id: int, device
 
 def _adapter_state(model, stage: int) -> dict[str, torch.Tensor]:
     """The adapter's weights on CPU; under ZeRO-3 the partitioned parameters are gathered on every rank."""
-    import contextlib
-
     from peft import get_peft_model_state_dict
 
     gather = contextlib.nullcontext()
@@ -77,6 +88,15 @@ def _adapter_state(model, stage: int) -> dict[str, torch.Tensor]:
         gather = deepspeed.zero.GatheredParameters([p for p in model.parameters() if p.requires_grad])
     with gather:
         return {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def adapter_hash(folder: str | None) -> str | None:
+    """Content hash of a saved LoRA adapter (its weights and config), so a key names what it was, not where."""
+    if folder is None:
+        return None
+    from sparserm.manifest import file_sha256
+
+    return stable_hash([file_sha256(Path(folder, f)) for f in ("adapter_model.safetensors", "adapter_config.json")])
 
 
 def frozen_checksum(model) -> float:
@@ -104,20 +124,22 @@ def _train_loop(c: dict) -> dict:
     os.environ.setdefault("LOCAL_RANK", str(ctx.get_local_rank()))  # DeepSpeed reads it
     if c["threads"]:
         torch.set_num_threads(c["threads"])
-    device = ray.train.torch.get_device()
+    # Ray Train names cuda:0 for a worker that holds a GPU share even where CUDA is absent (a logical GPU)
+    device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
     a = build(AlignConfig, c["align"])
+    t = a.train
     mcfg = build(ModelConfig, c["model"])
     model, tok = load_causal_lm(mcfg, c["cache_dir"], device)
     if c["init_adapter"]:
         model = PeftModel.from_pretrained(model, c["init_adapter"], is_trainable=True)
     else:
         torch.manual_seed(c["seed"])
-        model = get_peft_model(model, LoraConfig(r=a.lora.r, lora_alpha=a.lora.alpha, lora_dropout=a.lora.dropout,
-                                                 target_modules=list(a.lora.target_modules), task_type="CAUSAL_LM"))
+        model = get_peft_model(model, LoraConfig(r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
+                                                 target_modules=list(t.lora.target_modules), task_type="CAUSAL_LM"))
     base_sum = frozen_checksum(model)
     pairs = ray.get(c["pairs_ref"])
     seqs = _tokenize(tok, pairs, c["max_tokens"], mcfg.chat_template)
-    n, micro = len(seqs), a.micro_batch_size
+    n, micro = len(seqs), t.micro_batch_size
 
     history, ref = [], None
     ckpt = ray.train.get_checkpoint()
@@ -130,32 +152,35 @@ def _train_loop(c: dict) -> dict:
             set_peft_model_state_dict(model, load_file(str(Path(d) / "adapter" / "adapter_model.safetensors")))
             ref = load_file(str(Path(d) / "reference.safetensors"))
             history = state["history"]
-    if ref is None:  # reference log-probs: adapter disabled, pairs split over workers, then all-reduced
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=0.0)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                      config=ds_config(t, world, use_bf16(t, device)))
+    if ref is None:  # through the engine: the dtype and weights the policy trains in; pairs split over workers
         ref_w, ref_l = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-        model.eval()
-        with torch.no_grad(), model.disable_adapter():
+        engine.eval()
+        as_reference = engine.module.disable_adapter() if c["reference"] == "base" else contextlib.nullcontext()
+        with torch.no_grad(), as_reference:
             mine = list(range(rank, n, world))
             for b in range(0, len(mine), micro):
                 idx = mine[b: b + micro]
-                w, l = _pair_logprobs(model, seqs, idx, tok.pad_token_id, device)
+                w, l = _pair_logprobs(engine, seqs, idx, tok.pad_token_id, device)
                 ref_w[idx], ref_l[idx] = w.double().cpu(), l.double().cpu()
         if world > 1:
             both = torch.stack([ref_w, ref_l]).to(device)
             dist.all_reduce(both)
             ref_w, ref_l = both[0].cpu(), both[1].cpu()
         ref = {"chosen": ref_w, "rejected": ref_l}
-
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=a.lr, weight_decay=0.0)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=c["ds_config"])
     if ckpt is not None:
         with ckpt.as_directory() as d:
             why = load_optimizer_state(engine.basic_optimizer, Path(d) / "optimizer", rank=rank, world=world,
-                                       stage=a.deepspeed_stage)
+                                       stage=t.deepspeed_stage)
         if why is not None:
             print(f"[dpo {c['name']}] rank {rank}: optimizer moments restart ({why})", flush=True)
-    loss_fn = get_loss(a.loss)
-    step_pairs = a.batch_size  # pairs per optimizer step over all workers
+    loss_fn = get_loss(a.loss.name)
+    u_first = None  # |u| before any optimizer step of this run (0 when the reference matches the policy)
+    step_pairs = t.batch_size  # pairs per optimizer step over all workers
     n_pad = math.ceil(n / step_pairs) * step_pairs
     for epoch in range(len(history) + 1, c["epochs"] + 1):
         g = torch.Generator().manual_seed(c["seed"] * 1_000_003 + epoch)
@@ -170,7 +195,9 @@ def _train_loop(c: dict) -> dict:
             pi_w, pi_l = _pair_logprobs(engine, seqs, idx, tok.pad_token_id, device)
             r_w = ref["chosen"][idx].to(device, pi_w.dtype)
             r_l = ref["rejected"][idx].to(device, pi_l.dtype)
-            losses, u = loss_fn(pi_w, pi_l, r_w, r_l, beta=a.beta)
+            losses, u = loss_fn(pi_w, pi_l, r_w, r_l, beta=a.loss.beta)
+            if u_first is None and not history:
+                u_first = float(u.abs().max())
             engine.backward(losses.mean())
             engine.step()
             sums += torch.tensor([losses.sum().item(), (u > 0).sum().item(), u.sum().item(), len(idx)],
@@ -179,18 +206,22 @@ def _train_loop(c: dict) -> dict:
                 print(f"[dpo {c['name']}] epoch {epoch}/{c['epochs']} step {k + 1}/{n_micro} "
                       f"loss={sums[0] / sums[3]:.4f} acc={sums[1] / sums[3]:.3f}", flush=True)
         if world > 1:
-            t = sums.to(device)
-            dist.all_reduce(t)
-            sums = t.cpu()
+            total = sums.to(device)
+            dist.all_reduce(total)
+            sums = total.cpu()
         row = {"epoch": epoch, "loss": float(sums[0] / sums[3]), "reward_accuracy": float(sums[1] / sums[3]),
-               "reward_margin": float(sums[2] / sums[3] / a.beta), "n_pairs": n, "base_checksum": base_sum,
-               "base_checksum_after": frozen_checksum(engine.module) if a.deepspeed_stage < 3 else None}
+               "reward_margin": float(sums[2] / sums[3] / a.loss.beta), "n_pairs": n, "base_checksum": base_sum,
+               "base_checksum_after": frozen_checksum(engine.module) if t.deepspeed_stage < 3 else None}
+        if epoch == 1 and u_first is not None:
+            row.update(u_abs_max_before_first_step=u_first, dtype=str(next(engine.module.parameters()).dtype),
+                       placement={"node_id": ray.get_runtime_context().get_node_id(),
+                                  "gpu_ids": [str(x) for x in ray.get_gpu_ids()], "device": str(device)})
         history.append(row)
-        adapter = _adapter_state(engine.module, a.deepspeed_stage)  # every rank (ZeRO-3 gathers)
+        adapter = _adapter_state(engine.module, t.deepspeed_stage)  # every rank (ZeRO-3 gathers)
         with tempfile.TemporaryDirectory() as tmp:
             tmp_p = Path(tmp)  # every rank's files land in the same checkpoint folder
             save_optimizer_state(engine.basic_optimizer, tmp_p / "optimizer", rank=rank, world=world,
-                                 stage=a.deepspeed_stage)
+                                 stage=t.deepspeed_stage)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
             if rank == 0:
                 engine.module.save_pretrained(str(tmp_p / "adapter"), state_dict=adapter)
@@ -214,32 +245,35 @@ def train_dpo(cfg: Config, pairs: list[dict], *, storage_dir: Path, name: str, i
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from sparserm.align.losses import get_loss
-    from sparserm.manifest import stable_hash
     from sparserm.reward.train_head import ensure_ray, fit_polling
 
     a = cfg.align
-    get_loss(a.loss)
+    t = a.train
+    get_loss(a.loss.name)
     if not pairs:
         raise ValueError(f"{name}: no pairs to train on")
     ensure_ray(cfg.run.ray_address)
+    max_tokens = a.generate.max_prompt_tokens + a.generate.max_new_tokens
     fingerprint = stable_hash({"pairs": [[p["prompt"], p["chosen"], p["rejected"]] for p in pairs],
-                               "align": to_dict(a), "model": to_dict(cfg.model), "init": init_adapter})
+                               "train": {k: v for k, v in to_dict(t).items() if k != "torch_threads"},
+                               "loss": to_dict(a.loss), "reference": a.reference, "model": to_dict(cfg.model),
+                               "init": adapter_hash(init_adapter), "max_tokens": max_tokens, "seed": cfg.run.seed})
     stored = sorted(Path(storage_dir, name).glob("epoch_*/state.json"))
     if stored and json.loads(stored[-1].read_text())["fingerprint"] != fingerprint:
         raise ValueError(f"{Path(storage_dir, name)} holds a DPO run on other pairs or settings; "
                          f"resume it unchanged, or use a new output directory")
+    use_gpu = t.num_gpus > 0
     c = {"align": to_dict(a), "model": to_dict(cfg.model), "cache_dir": cfg.run.cache_dir,
          "pairs_ref": ray.put([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs]),
-         "init_adapter": init_adapter, "seed": cfg.run.seed, "epochs": a.epochs, "name": name,
-         "max_tokens": a.max_prompt_tokens + a.max_new_tokens, "fingerprint": fingerprint,
-         "ds_config": ds_config(a, a.num_workers, a.use_gpu), "stop_after_epoch": stop_after_epoch,
-         "progress": progress, "log_every": max(1, 8 // max(1, a.micro_batch_size)) * 4,
-         "threads": a.torch_threads or (os.cpu_count() if not a.use_gpu else 0)}
-    resources = {"CPU": a.cpus_per_worker, **({"GPU": 1} if a.use_gpu else {})}
+         "init_adapter": init_adapter, "reference": a.reference, "seed": cfg.run.seed, "epochs": t.epochs,
+         "name": name, "max_tokens": max_tokens, "fingerprint": fingerprint, "stop_after_epoch": stop_after_epoch,
+         "progress": progress, "log_every": max(1, 8 // max(1, t.micro_batch_size)) * 4,
+         "threads": t.torch_threads or (os.cpu_count() if not use_gpu else 0)}
+    resources = {"CPU": t.num_cpus, **({"GPU": t.num_gpus} if use_gpu else {})}
     trainer = TorchTrainer(
         _train_loop, train_loop_config=c,
-        torch_config=TorchConfig(backend="nccl" if a.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=a.num_workers, use_gpu=a.use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend=None if t.backend == "auto" else t.backend),  # auto: nccl with GPUs
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(storage_path=str(Path(storage_dir).resolve()), name=name,
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
@@ -249,4 +283,4 @@ def train_dpo(cfg: Config, pairs: list[dict], *, storage_dir: Path, name: str, i
     ckpt = Path(result.checkpoint.path)
     state = json.loads((ckpt / "state.json").read_text())
     return {"adapter": str(ckpt / "adapter"), "history": state["history"],
-            "finished": int(state["epoch"]) >= a.epochs}
+            "finished": int(state["epoch"]) >= t.epochs}

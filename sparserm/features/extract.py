@@ -153,8 +153,8 @@ def extract_to_shards(rows: list[dict], out_dir: str, model_cfg: ModelConfig, fe
         batch_size=None,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=features_cfg.num_actors),
-        num_cpus=features_cfg.num_cpus_per_actor,
-        num_gpus=features_cfg.num_gpus_per_actor or None,
+        num_cpus=features_cfg.num_cpus,
+        num_gpus=features_cfg.num_gpus or None,
     )
     for receipt in ds.iter_batches(batch_format="numpy", batch_size=None):
         if on_batch is not None:

@@ -71,6 +71,9 @@ def run_features(cfg: Config, out_dir: Path, data: PreparedData | None = None) -
     if cache.is_complete:
         print(f"[features] cache complete, model pass skipped: {cache.root}", flush=True)
         return cache
+    from sparserm.sae.checks import preflight
+
+    preflight(cfg)  # a registry/local SAE that does not fit model.layer, the model or reward.top_k: said now
     if not ray.is_initialized():
         ray.init(address=cfg.run.ray_address, include_dashboard=False, log_to_driver=False)
     from sparserm.features.extract import extract_to_shards

@@ -40,9 +40,20 @@ class Backbone:
 
 
 def resolve_device(device: str) -> torch.device:
+    """``auto``: CUDA when a GPU is visible and, inside a Ray task or actor, reserved for it. Ray leaves
+    CUDA_VISIBLE_DEVICES alone for an actor that asked for no GPU, so such an actor sees the node's GPUs;
+    it must not use them (they belong to the actors that reserved them)."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() and _gpu_reserved() else "cpu")
     return torch.device(device)
+
+
+def _gpu_reserved() -> bool:
+    import ray
+
+    if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
+        return True  # a plain process or the driver: every visible GPU is its own
+    return bool(ray.get_gpu_ids())
 
 
 def resolve_source(cfg: ModelConfig, cache_dir: str | Path) -> tuple[str, dict]:

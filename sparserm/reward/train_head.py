@@ -110,7 +110,8 @@ def _train_loop(cfg: dict) -> dict:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    # Ray Train names cuda:0 for a worker holding a (logical) GPU even where there is no CUDA
+    device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
     data = {k: torch.tensor(np.asarray(v)).to(device) for k, v in ray.get(cfg["data_ref"]).items()}
     loss_fn, margin = get_loss(cfg["loss"]), cfg["margin"]
 
@@ -132,7 +133,7 @@ def _train_loop(cfg: dict) -> dict:
             best_state = head_state(load_head(d / "best"))
             opt_state = _optimizer_state(load_file(str(d / "optimizer.safetensors")), state["param_groups"])
             history, best_epoch = state["history"], state["best_epoch"]
-    model = ray.train.torch.prepare_model(head)  # DDP when world > 1; moves to the worker's device
+    model = ray.train.torch.prepare_model(head, move_to_device=device)  # DDP when world > 1
     module = getattr(model, "module", model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     if opt_state is not None:
@@ -191,13 +192,14 @@ def _train_loop(cfg: dict) -> dict:
 
 def train_head(train: dict, val: dict, *, loss: str = "margin", margin: float = 1.0, hidden: int = 512,
                epochs: int = 30, lr: float = 1e-3, weight_decay: float = 0.0, batch_size: int = 64,
-               num_workers: int = 1, use_gpu: bool = False, seed: int = 0, storage_dir: Path, name: str,
-               progress: bool = True, resources_per_worker: dict | None = None, max_failures: int = 0,
+               num_workers: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0, seed: int = 0,
+               storage_dir: Path, name: str, progress: bool = True, max_failures: int = 0,
                stop_after_epoch: int | None = None, ray_address: str | None = None,
                poll_interval_s: float = 0.1) -> TrainHeadResult:
     """Train a :class:`RewardHead` on pairs ``{"x_w": [N, D], "x_l": [N, D]}`` with Ray Train.
 
-    ``batch_size`` is the global batch (each of ``num_workers`` DDP workers takes ``ceil(batch/W)``).
+    ``batch_size`` is the global batch (each of ``num_workers`` DDP workers takes ``ceil(batch/W)``);
+    ``num_cpus`` / ``num_gpus`` are per worker (GPU training when ``num_gpus > 0``).
     ``max_failures``: worker failures Ray Train recovers from (from the latest checkpoint).
     ``stop_after_epoch``: stop cleanly after that epoch, as an interrupted job would (a later call with
     the same ``storage_dir``/``name`` resumes); the result then has ``finished=False``.
@@ -232,11 +234,13 @@ def train_head(train: dict, val: dict, *, loss: str = "margin", margin: float = 
            "batch_size": int(batch_size), "seed": int(seed), "name": name, "progress": bool(progress),
            "x_mean": stats.x_mean.tolist(), "x_std": stats.x_std.tolist(), "fingerprint": fingerprint,
            "stop_after_epoch": stop_after_epoch}
+    use_gpu = num_gpus > 0
     trainer = TorchTrainer(
         _train_loop, train_loop_config=cfg,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=resources_per_worker),
+        # nccl needs CUDA: a GPU reserved on a machine without it (a logical GPU) trains on CPU with gloo
+        torch_config=TorchConfig(backend="nccl" if use_gpu and torch.cuda.is_available() else "gloo"),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={
+            "CPU": num_cpus, **({"GPU": num_gpus} if use_gpu else {})}),
         run_config=RunConfig(storage_path=str(Path(storage_dir).resolve()), name=name,
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),

@@ -65,8 +65,8 @@ class SparseAutoencoder:
         return cls(sae, source=meta.get("source", "local"), layer=meta.get("layer"), path=str(path))
 
 
-def load_registry(release: str, sae_id: str, device: str | torch.device = "cpu") -> SparseAutoencoder:
-    from sae_lens import SAE
+def registry_entry(release: str, sae_id: str):
+    """sae-lens' registry entry of ``release`` (no download); ``SAELoadError`` naming an unknown release or id."""
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
     directory = get_pretrained_saes_directory()
@@ -76,6 +76,13 @@ def load_registry(release: str, sae_id: str, device: str | torch.device = "cpu")
     if sae_id not in entry.saes_map:
         raise SAELoadError(f"sae.sae_id={sae_id!r} is not in release {release!r} "
                            f"(e.g. {', '.join(list(entry.saes_map)[:3])})")
+    return entry
+
+
+def load_registry(release: str, sae_id: str, device: str | torch.device = "cpu") -> SparseAutoencoder:
+    from sae_lens import SAE
+
+    entry = registry_entry(release, sae_id)
     try:
         sae = SAE.from_pretrained(release, sae_id, device=str(device))
     except Exception as exc:  # network, hub auth, missing files: say which SAE could not be had

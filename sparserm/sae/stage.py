@@ -20,6 +20,7 @@ from sparserm.features.cache import ActivationCache
 from sparserm.manifest import stable_hash, write_json, write_manifest
 from sparserm.model.backbone import resolve_device
 from sparserm.sae import SparseAutoencoder, evaluate_sae, load_sae, massive_token_mask, train_sae
+from sparserm.sae.checks import check_sae, read_shape, shape_of
 
 EVAL_TOKENS = 30_000  # held-out tokens evaluated (enough for a stable fvu, seconds of compute)
 
@@ -36,10 +37,15 @@ def eval_tokens(cache: ActivationCache, layer: int, d_model: int, seed: int) -> 
 
 
 def obtain_sae(cfg: Config, cache: ActivationCache, layer: int, d_model: int) -> tuple[SparseAutoencoder, Path | None]:
-    """Load (registry/local) or train-and-cache (train) the SAE for ``layer``; (sae, folder or None)."""
+    """Load (registry/local) or train-and-cache (train) the SAE for ``layer``; (sae, folder or None). A loaded SAE
+    is checked against ``reward.top_k``, ``model.layer`` and ``d_model``: from its config before the download, and
+    again as loaded."""
     device = resolve_device(cfg.model.device)
     if cfg.sae.source != "train":
-        return load_sae(cfg.sae, device=device), (Path(cfg.sae.path) if cfg.sae.path else None)
+        check_sae(cfg, read_shape(cfg.sae), d_model)
+        sae = load_sae(cfg.sae, device=device)
+        check_sae(cfg, shape_of(sae), d_model)
+        return sae, (Path(cfg.sae.path) if cfg.sae.path else None)
     folder = trained_sae_dir(cfg, cache, layer)
     if (folder / "sparserm_sae.json").is_file() and json.loads((folder / "sparserm_sae.json").read_text()).get("complete"):
         print(f"[sae] trained SAE found in cache: {folder}", flush=True)

@@ -6,10 +6,12 @@
 from __future__ import annotations
 
 from sparserm.serve.config import AutoscalingSpec, ServeConfig, load_serve_config
+from sparserm.serve.options import deployment_options, validate_serve
 from sparserm.serve.schema import ServeRequestError
 
-__all__ = ["ServeConfig", "AutoscalingSpec", "load_serve_config", "ServeRequestError", "RewardClient",
-           "HTTPRewardClient", "score_dataset", "SparseRMReward", "build_app", "start"]
+__all__ = ["ServeConfig", "AutoscalingSpec", "load_serve_config", "validate_serve", "deployment_options",
+           "ServeRequestError", "RewardClient", "HTTPRewardClient", "score_dataset", "SparseRMReward", "build_app",
+           "start"]
 
 _LAZY = {"RewardClient": "client", "HTTPRewardClient": "client", "score_dataset": "client",
          "SparseRMReward": "client", "build_app": "app", "start": "app"}

@@ -27,6 +27,7 @@ from pathlib import Path
 from ray import serve
 
 from sparserm.serve.config import ServeConfig
+from sparserm.serve.options import deployment_options, validate_serve
 from sparserm.serve.schema import (CompareRequest, CompareResponse, HealthResponse, RewardRequest, RewardResponse,
                                    ScoreRequest, ScoreResponse, ServeRequestError, error_field, limit_items)
 from sparserm.serve.scoring import batch_chunks, batch_size_fn
@@ -50,7 +51,7 @@ class RewardModelServer:
         from sparserm.reward.model import SparseRM
         from sparserm.serve.scoring import Scorer
 
-        torch.set_num_threads(max(1, int(round(cfg.num_cpus_per_replica or 1))))
+        torch.set_num_threads(max(1, int(round(cfg.num_cpus or 1))))
         self.cfg, self.token_sha256 = cfg, token_sha256
         self.rm = SparseRM.load(rm_dir)
         self.model_name = str(self.rm.meta.get("name") or Path(rm_dir).resolve().name)
@@ -245,20 +246,20 @@ def build_app(rm_dir: str | Path, cfg: ServeConfig | None = None, *, token: str 
     """The bound application for ``serve.run``. ``token``: the bearer token (``None``: no auth; default: the
     value of ``os.environ[cfg.auth_env]`` in this process, no auth when unset or empty). Only its SHA-256 is
     handed to the replicas."""
-    cfg = (cfg or ServeConfig()).validate()
+    cfg = validate_serve(cfg or ServeConfig())
     rm_dir = Path(rm_dir).resolve()
     if not (rm_dir / "rm.json").is_file():
         raise FileNotFoundError(f"{rm_dir} is not a SparseRM folder (no rm.json)")
     if token == ENV:
         token = os.environ.get(cfg.auth_env) if cfg.auth_env else None
     digest = _digest(token) if token else None
-    return RewardModelDeployment.options(**cfg.deployment_options()).bind(str(rm_dir), cfg, digest)
+    return RewardModelDeployment.options(**deployment_options(cfg)).bind(str(rm_dir), cfg, digest)
 
 
 def start(rm_dir: str | Path, cfg: ServeConfig | None = None, *, name: str = APP_NAME, route_prefix: str = "/",
           token: str | None = ENV, blocking: bool = False):
     """Start Serve's HTTP proxy on ``cfg.host:cfg.port`` (a no-op when Serve already runs) and deploy the app.
     Returns the app's ``DeploymentHandle``."""
-    cfg = (cfg or ServeConfig()).validate()
+    cfg = validate_serve(cfg or ServeConfig())
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     return serve.run(build_app(rm_dir, cfg, token=token), name=name, route_prefix=route_prefix, blocking=blocking)

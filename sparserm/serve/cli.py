@@ -21,13 +21,14 @@ def cmd_serve_rm(args) -> int:
 
     from sparserm.serve.app import start
     from sparserm.serve.config import load_serve_config
+    from sparserm.serve.options import validate_serve
 
     config, overrides = args.config, list(args.overrides)
     cfg = load_serve_config(config, overrides)
     changes = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     if args.replicas is not None:
         changes.update(replicas=args.replicas, autoscaling=None)
-    cfg = dataclasses.replace(cfg, **changes).validate()
+    cfg = validate_serve(dataclasses.replace(cfg, **changes))
     own_ray = not ray.is_initialized() and args.address is None and not os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         ray.init(address=args.address, include_dashboard=False)

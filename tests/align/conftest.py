@@ -15,8 +15,8 @@ def dpo_pairs():
 def tiny_align_config(tiny_model_dir, cache_dir):
     """Builds a DPO config for the tiny model (2 pairs a micro-batch, 4 a step) plus overrides."""
     def make(*extra):
-        return load_config(None, [f"model.name={tiny_model_dir}", f"run.cache_dir={cache_dir}", "align.batch_size=4",
-                                  "align.micro_batch_size=2", "align.max_new_tokens=16",
-                                  "align.max_prompt_tokens=32", *extra])
+        return load_config(None, [f"model.name={tiny_model_dir}", f"run.cache_dir={cache_dir}", "align.train.batch_size=4",
+                                  "align.train.micro_batch_size=2", "align.generate.max_new_tokens=16",
+                                  "align.generate.max_prompt_tokens=96", *extra])
 
     return make

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture(scope="module")
 def gpu_cfg(tiny_align_config):
-    return tiny_align_config("align.epochs=2", "align.use_gpu=true", "align.engine=vllm")
+    return tiny_align_config("align.train.epochs=2", "align.train.num_gpus=1", "align.generate.engine=vllm")
 
 
 def test_dpo_on_cuda_with_deepspeed(gpu_cfg, ray_session, tmp_path, dpo_pairs):
@@ -40,3 +40,20 @@ def test_vllm_generates_with_and_without_adapter(gpu_cfg, tmp_path):
     assert eng.lora is not None and eng.lora.lora_path == adapter
     tuned = eng.generate(convs, sampling, seed=0)
     assert len(tuned) == 4
+
+
+def test_vllm_copies_of_a_prompt_give_different_samples(gpu_cfg):
+    """The labellers ask for two (or n) samples of one prompt: each request must carry its own seed."""
+    from sparserm.align.engines.vllm import VLLMEngine
+    from sparserm.config import to_dict
+
+    eng = VLLMEngine(to_dict(gpu_cfg.model), gpu_cfg.run.cache_dir, gpu_memory_utilization=0.3, max_model_len=256,
+                     max_lora_rank=8)
+    convs = [[{"role": "user", "content": "Tell me a story."}]] * 4
+    sampling = {"max_new_tokens": 16, "temperature": 1.0, "top_p": 1.0, "max_prompt_tokens": 32}
+    texts = [g["text"] for g in eng.generate(convs, sampling, seed=3)]
+    assert len(set(texts)) > 1
+    assert [g["text"] for g in eng.generate(convs, sampling, seed=3)] == texts  # and reproducibly so
+    eng.sleep()
+    assert eng.asleep
+    assert len(eng.generate(convs[:1], sampling, seed=3)) == 1 and not eng.asleep  # generate wakes it

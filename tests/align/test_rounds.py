@@ -17,9 +17,9 @@ def job_cfg(tiny_model_dir, cache_dir, shared_data, tmp_path_factory):
     rm = build_tiny_rm(tmp_path_factory.mktemp("align-rm") / "rm", model_dir=tiny_model_dir)
     return load_config(None, [
         f"model.name={tiny_model_dir}", f"run.cache_dir={cache_dir}", f"align.rm_dir={rm}", "align.rounds=2",
-        "align.epochs=2", "align.batch_size=4", "align.micro_batch_size=2", "align.max_new_tokens=8",
-        "align.max_prompt_tokens=48", "align.prompts_per_round=3", "align.eval_mc_questions=3",
-        "align.eval_hh_pairs=3", "align.eval_winrate_prompts=4",
+        "align.train.epochs=2", "align.train.batch_size=4", "align.train.micro_batch_size=2", "align.generate.max_new_tokens=8",
+        "align.generate.max_prompt_tokens=96", "align.prompts_per_round=3", "align.eval.mc_questions=3",
+        "align.eval.hh_pairs=3", "align.eval.winrate_prompts=4",
         f"data.sources=[{{path: {shared_data}/hh_rlhf_harmless.jsonl.gz}}, {{path: {shared_data}/truthfulqa.csv}}]"])
 
 
@@ -57,3 +57,29 @@ def test_job_resumes_in_round_two(job_cfg, ray_session, tmp_path, monkeypatch):
     round2 = {p["prompt"] for p in read_jsonl(out / "rm" / "round_2" / "candidates.jsonl")}
     assert round2 and not round2 & {p["prompt"] for p in cands}  # each round draws fresh prompts
     assert json.loads((out / "manifest.json").read_text())["stage"] == "align"
+    assert {r["rm_agreement"] for r in rows["rm"][1:]} <= {r["rm_agreement"] for r in rows["none"][1:]} | {
+        json.loads((out / "rm" / "round_2" / "filter.json").read_text())["rm_agreement"]}
+    assert rows["none"][1]["kept_share"] == 1.0
+    diffs = json.loads((out / "report.json").read_text())["paired_differences"]
+    assert {(d["round"], d["metric"]) for d in diffs} == {(r, m) for r in (1, 2)
+                                                          for m in ("mc1", "mc2", "harmless", "rm_win_rate")}
+    assert all(d["lo"] <= d["diff"] <= d["hi"] for d in diffs)
+    assert "paired bootstrap" in (out / "report.md").read_text()
+
+    # each step's output is keyed by what produced it: an evaluation setting re-evaluates and trains nothing ...
+    trained = {p: os.stat(p).st_mtime_ns for p in out.rglob("train.json")}
+    eval0 = json.loads((out / "round_0" / "eval.json").read_text())
+    from dataclasses import replace
+
+    fewer = replace(job_cfg, align=replace(job_cfg.align, eval=replace(job_cfg.align.eval, winrate_prompts=2)))
+    third = run_align(fewer, out)
+    assert {p: os.stat(p).st_mtime_ns for p in out.rglob("train.json")} == trained
+    assert json.loads((out / "round_0" / "eval.json").read_text())["key"] != eval0["key"]
+    assert len(read_jsonl(out / "rm" / "round_2" / "eval_generations.jsonl")) == 2
+    assert third["rows"]["rm"][2]["dpo_loss"] == rows["rm"][2]["dpo_loss"]
+    # ... while pairs generated under other settings are refused, naming the field
+    from sparserm.manifest import StaleArtifactError
+
+    hotter = replace(fewer, align=replace(fewer.align, generate=replace(fewer.align.generate, temperature=0.3)))
+    with pytest.raises(StaleArtifactError, match="sampling.temperature"):
+        run_align(hotter, out)

@@ -11,7 +11,7 @@ import socket
 import pytest
 
 TOKEN = "test-token-123"
-LIMITS = dict(max_items_per_request=8, max_text_chars=400, max_batch_size=4, num_cpus_per_replica=0.25)
+LIMITS = dict(max_items_per_request=8, max_text_chars=400, max_batch_size=4, num_cpus=0.25)
 
 
 def free_port() -> int:

@@ -98,7 +98,8 @@ def test_cli_and_config(tmp_path):
     from sparserm.cli import build_parser
     from sparserm.config import ConfigError
     from sparserm.serve.cli import cmd_serve_rm
-    from sparserm.serve.config import load_serve_config
+    from sparserm.serve.config import ServeConfig, load_serve_config
+    from sparserm.serve.options import deployment_options, validate_serve
 
     args = build_parser().parse_args(["serve", "rm", "RM", "serve.overlong=truncate", "--port", "9001", "--replicas", "2"])
     assert args.func is cmd_serve_rm
@@ -106,9 +107,14 @@ def test_cli_and_config(tmp_path):
     (tmp_path / "c.yaml").write_text("model: {layer: 3}\nserve:\n  autoscaling: {min_replicas: 1, max_replicas: 3}\n")
     cfg = load_serve_config(tmp_path / "c.yaml", ["serve.max_batch_size=8"])
     assert cfg.host == "127.0.0.1" and cfg.max_batch_size == 8
-    opts = cfg.deployment_options()
+    opts = deployment_options(cfg)
     assert opts["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3} and "num_replicas" not in opts
-    for bad in (["serve.nope=1"], ["serve.overlong=cut"], ["serve.port=x"]):
+    assert opts["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.0}  # per replica
+    opts = deployment_options(load_serve_config(None, ["num_cpus=2", "serve.num_gpus=0.5", "replicas=3"]))
+    assert opts["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 0.5} and opts["num_replicas"] == 3
+    with pytest.raises(ConfigError, match=r"serve\.num_gpus=-1 is invalid"):  # a ServeConfig made in code
+        validate_serve(ServeConfig(num_gpus=-1))
+    for bad in (["serve.nope=1"], ["serve.overlong=cut"], ["serve.port=x"], ["serve.num_cpus_per_replica=1"]):
         with pytest.raises(ConfigError):
             load_serve_config(None, bad)
 

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 @dataclass(frozen=True)
 class Sampling:
-    """What an engine's ``generate`` reads; no defaults here: they live in ``AlignConfig`` (see ``of``)."""
+    """What an engine's ``generate`` reads; no defaults here: they live in ``GenerateConfig`` (see ``of``)."""
 
     max_new_tokens: int
     temperature: float
@@ -14,9 +14,9 @@ class Sampling:
     max_prompt_tokens: int
 
     @classmethod
-    def of(cls, align_cfg) -> "Sampling":
-        """The sampling fields of an ``AlignConfig``."""
-        return cls(**{f: getattr(align_cfg, f) for f in cls.__dataclass_fields__})
+    def of(cls, generate_cfg) -> "Sampling":
+        """The sampling fields of a ``GenerateConfig``."""
+        return cls(**{f: getattr(generate_cfg, f) for f in cls.__dataclass_fields__})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -31,5 +31,23 @@ def render(tokenizer, messages: list[dict], use_chat_template: bool = True) -> l
     return tokenizer(messages_text(tokenizer, messages, templated), add_special_tokens=not templated)["input_ids"]
 
 
-def clip_left(ids: list[int], max_tokens: int) -> list[int]:
-    return ids[-max_tokens:] if len(ids) > max_tokens else ids
+def render_clipped(tokenizer, messages: list[dict], max_tokens: int, use_chat_template: bool = True) -> list[int]:
+    """Token ids of a generation prompt within ``max_tokens``. The conversation is cut from its start (the
+    earliest turns first, then the beginning of the first turn left); system messages, where the
+    contrastive instruction sits, and the template's own tokens are never cut."""
+    messages = [dict(m) for m in messages]
+    ids = render(tokenizer, messages, use_chat_template)
+    while len(ids) > max_tokens:
+        body = [i for i, m in enumerate(messages) if m["role"] != "system"]
+        excess = len(ids) - max_tokens
+        first = messages[body[0]]
+        content = tokenizer(first["content"], add_special_tokens=False)["input_ids"]
+        if len(body) > 1 and len(content) <= excess:
+            del messages[body[0]]  # a whole early turn goes
+        elif excess < len(content):
+            first["content"] = tokenizer.decode(content[excess:]).lstrip()
+        else:
+            raise ValueError(f"max_prompt_tokens={max_tokens} leaves no room for the prompt: the system "
+                             f"instruction and template alone take {len(ids) - len(content)} tokens")
+        ids = render(tokenizer, messages, use_chat_template)
+    return ids

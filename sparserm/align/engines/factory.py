@@ -1,18 +1,28 @@
-"""Placement of the alignment job's actors: generation engines, the policy evaluator and the reward scorer.
+"""Placement of the alignment job's actors: generation engines, the policy evaluator, the reward scorer, the
+judge, and (reserved here, created by Ray Train) the DPO workers. One function owns it.
 
-``auto`` picks vLLM when the cluster has GPUs and vLLM imports, else the transformers engine. vLLM engines
-get one placement group each (a GPU bundle per tensor-parallel rank). On CPU the transformers engine is
-also the evaluator (one copy of the model). Actors hold ``align.actor_cpus`` CPUs each, so that they and the
-DPO workers fit the machine together; generation, scoring and training never run at the same time, so
-each sets its torch threads to every core.
+Resources come from config under one naming style: ``num_cpus`` / ``num_gpus`` per actor or worker
+(``align.policy``, ``align.scorer``, ``align.generate.vllm`` per tensor-parallel rank, ``align.train`` per
+worker). Fractions colocate: on one GPU, e.g. vLLM 0.4 + evaluator 0.2 + scorer 0.2 + one DPO worker 0.2 =
+1.0, and generation -> scoring -> DPO -> evaluation run in turn (vLLM sleeps while DPO trains, so its
+memory is free). The sum of every request is checked against the cluster before anything is created, and
+every placement group and actor must be up within ``PLACEMENT_TIMEOUT_S``, so a job that cannot be placed
+fails with the reason instead of waiting forever.
+
+``auto`` picks vLLM when the cluster has GPUs and vLLM imports, else the transformers engine, which then is
+also the evaluator (one copy of the model). Generation, scoring and training never run at the same time,
+so each actor sets its torch threads to every core.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import ray
 
-from sparserm.config import Config, to_dict
+from sparserm.config import Config, ConfigError, to_dict
+
+PLACEMENT_TIMEOUT_S = 120.0
 
 
 def resolve_engine(name: str) -> str:
@@ -46,6 +56,15 @@ class RewardScorer:
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         return self.rm.score(prompts, responses)
 
+    def placement(self) -> dict:
+        return placement_info()
+
+
+def placement_info() -> dict:
+    """Where the calling actor runs: its node and the GPU ids Ray reserved for it."""
+    ctx = ray.get_runtime_context()
+    return {"node_id": ctx.get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+
 
 class EnginePool:
     """Engines behind one call: prompts are split into contiguous shards, one per engine."""
@@ -59,27 +78,110 @@ class EnginePool:
     def generate(self, conversations: list[list[dict]], sampling: dict, seed: int, batch_size: int) -> list[dict]:
         k = len(self.actors)
         size = -(-len(conversations) // k)
-        refs = [a.generate.remote(conversations[i * size:(i + 1) * size], sampling, seed + i, batch_size)
+        refs = [a.generate.remote(conversations[i * size:(i + 1) * size], sampling, seed + 7919 * i, batch_size)
                 for i, a in enumerate(self.actors) if conversations[i * size:(i + 1) * size]]
         return [r for part in ray.get(refs) for r in part]
 
+    def sleep(self) -> None:
+        """Free the engines' GPU memory while another phase (DPO) uses the GPU; a no-op for transformers."""
+        if self.kind == "vllm":
+            ray.get([a.sleep.remote() for a in self.actors])
 
-def make_actors(cfg: Config, rm_dir: str) -> tuple[EnginePool, object, object]:
-    """(engine pool, policy evaluator actor, reward scorer actor)."""
-    from sparserm.align.engines.hf import HFPolicy
+    def wake_up(self) -> None:
+        if self.kind == "vllm":
+            ray.get([a.wake_up.remote() for a in self.actors])
+
+
+@dataclass
+class AlignActors:
+    pool: EnginePool
+    policy: object  # HFPolicy actor: evaluation log-probs (and generation when pool.kind == "hf")
+    scorer: object  # RewardScorer actor
+    judge: object | None  # HFJudge actor, when a task's labeller is ``judge``
+    placement_groups: list
+    placement: dict | None = None  # role -> {node_id, gpu_ids} of every actor, once all are up
+
+    def roles(self) -> dict[str, object]:
+        out = {"policy": self.policy, "scorer": self.scorer, **({"judge": self.judge} if self.judge else {})}
+        out.update({f"engine_{i}": a for i, a in enumerate(self.pool.actors) if a is not self.policy})
+        return out
+
+
+def gpu_demand(cfg: Config, kind: str, needs_judge: bool) -> list[tuple[str, float, int]]:
+    """(config key, GPUs per actor or worker, count) of everything the job holds at once."""
+    a = cfg.align
+    v = a.generate.vllm
+    out = [("align.policy.num_gpus", a.policy.num_gpus, 1), ("align.scorer.num_gpus", a.scorer.num_gpus, 1),
+           ("align.train.num_gpus", a.train.num_gpus, a.train.num_workers)]
+    if needs_judge:
+        out.append(("align.judge.num_gpus", a.judge.num_gpus, 1))
+    if kind == "vllm":
+        out.append(("align.generate.vllm.num_gpus", v.num_gpus, v.num_engines * v.tensor_parallel_size))
+    return out
+
+
+def check_fits(cfg: Config, kind: str, needs_judge: bool) -> None:
+    """Refuse, naming the keys, a job whose GPU requests exceed the cluster's GPUs or one GPU each."""
+    demand = gpu_demand(cfg, kind, needs_judge)
+    have = ray.cluster_resources().get("GPU", 0.0)
+    for key, per, count in demand:
+        if per > 1 and per != int(per):
+            raise ConfigError(f"{key}={per}: a request above one GPU must be a whole number")
+    total = sum(per * count for _, per, count in demand)
+    if total > have + 1e-9:
+        parts = ", ".join(f"{key} {per} x {count}" for key, per, count in demand if per)
+        raise ConfigError(f"the alignment job asks for {total:g} GPUs ({parts}) but the cluster has {have:g}: "
+                          "lower the fractions to share a GPU, or add GPUs")
+
+
+def make_actors(cfg: Config, rm_dir: str) -> AlignActors:
+    from sparserm.align.engines.hf import HFJudge, HFPolicy
 
     a = cfg.align
-    threads = a.torch_threads or os.cpu_count() or 1
-    gpu = a.use_gpu
-    hf_options = {"num_cpus": a.actor_cpus, "num_gpus": 0.1 if gpu else 0}
-    policy = ray.remote(HFPolicy).options(**hf_options).remote(to_dict(cfg.model), cfg.run.cache_dir, threads)
-    scorer = ray.remote(RewardScorer).options(**hf_options).remote(rm_dir, threads)
-    kind = resolve_engine(a.engine)
+    kind = resolve_engine(a.generate.engine)
+    needs_judge = "judge" in (a.generate.labellers.truthfulqa, a.generate.labellers.harmless)
+    check_fits(cfg, kind, needs_judge)
+    threads = a.train.torch_threads or os.cpu_count() or 1
+    policy = ray.remote(HFPolicy).options(num_cpus=a.policy.num_cpus, num_gpus=a.policy.num_gpus).remote(
+        to_dict(cfg.model), cfg.run.cache_dir, threads)
+    scorer = ray.remote(RewardScorer).options(num_cpus=a.scorer.num_cpus, num_gpus=a.scorer.num_gpus).remote(
+        rm_dir, threads)
+    judge = None
+    if needs_judge:
+        judge_model = {**to_dict(cfg.model), "name": a.generate.judge_model, "gguf_file": None, "revision": None}
+        judge = ray.remote(HFJudge).options(num_cpus=a.judge.num_cpus, num_gpus=a.judge.num_gpus).remote(
+            judge_model, cfg.run.cache_dir, threads)
+    pgs = []
     if kind == "hf":
         pool = EnginePool("hf", [policy])
     else:
-        pool = EnginePool("vllm", [_vllm_engine(cfg, i) for i in range(a.vllm.num_engines)])
-    return pool, policy, scorer
+        engines = []
+        for i in range(a.generate.vllm.num_engines):
+            engine, pg = _vllm_engine(cfg, i)
+            engines.append(engine)
+            pgs.append(pg)
+        pool = EnginePool("vllm", engines)
+    actors = AlignActors(pool, policy, scorer, judge, pgs)
+    actors.placement = wait_placed(actors)
+    return actors
+
+
+def wait_placed(actors: AlignActors, timeout_s: float = PLACEMENT_TIMEOUT_S) -> dict[str, dict]:
+    """Every placement group ready and every actor constructed, or an error naming what is not; returns
+    where each actor runs."""
+    for i, pg in enumerate(actors.placement_groups):
+        ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+        if not ready:
+            raise RuntimeError(f"vLLM engine {i}: its placement group {pg.bundle_specs} was not placed in "
+                               f"{timeout_s:.0f} s; the cluster has {ray.available_resources()} free")
+    roles = actors.roles()
+    refs = {role: actor.placement.remote() for role, actor in roles.items()}
+    _, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+    if pending:
+        late = [role for role, ref in refs.items() if ref in pending]
+        raise RuntimeError(f"alignment actors {late} did not start in {timeout_s:.0f} s; "
+                           f"free resources: {ray.available_resources()}")
+    return {role: ray.get(ref) for role, ref in refs.items()}
 
 
 def _vllm_engine(cfg: Config, index: int):
@@ -88,14 +190,18 @@ def _vllm_engine(cfg: Config, index: int):
 
     from sparserm.align.engines.vllm import VLLMEngine
 
-    v = cfg.align.vllm
-    pg = placement_group([{"GPU": 1, "CPU": 1}] * v.tensor_parallel_size, strategy="STRICT_PACK")
-    ray.get(pg.ready())
+    v = cfg.align.generate.vllm
+    tp = v.tensor_parallel_size
+    pg = placement_group([{"GPU": v.num_gpus, "CPU": v.num_cpus}] * tp, strategy="STRICT_PACK")
     strategy = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=0,
                                                 placement_group_capture_child_tasks=True)
-    # with TP > 1 the engine's own Ray workers take the bundles; the engine actor itself needs no GPU then
-    num_gpus = 1 if v.tensor_parallel_size == 1 else 0
-    return ray.remote(VLLMEngine).options(num_cpus=0, num_gpus=num_gpus, scheduling_strategy=strategy).remote(
-        to_dict(cfg.model), cfg.run.cache_dir, tensor_parallel_size=v.tensor_parallel_size,
+    # TP = 1: the engine actor holds the bundle's GPU share itself. TP > 1: vLLM's Ray workers take the
+    # bundles (each VLLM_RAY_PER_WORKER_GPUS of a GPU), and the engine actor itself holds none.
+    env = {"VLLM_RAY_PER_WORKER_GPUS": str(v.num_gpus), "VLLM_RAY_BUNDLE_INDICES": ",".join(map(str, range(tp)))}
+    return ray.remote(VLLMEngine).options(
+        num_cpus=0, num_gpus=v.num_gpus if tp == 1 else 0, scheduling_strategy=strategy,
+        runtime_env={"env_vars": env}).remote(
+        to_dict(cfg.model), cfg.run.cache_dir, tensor_parallel_size=tp,
         gpu_memory_utilization=v.gpu_memory_utilization, max_model_len=v.max_model_len,
-        max_lora_rank=v.max_lora_rank, seed=cfg.run.seed + index)
+        max_lora_rank=v.max_lora_rank, seed=cfg.run.seed + index, enable_sleep_mode=v.enable_sleep_mode,
+        enforce_eager=v.enforce_eager), pg

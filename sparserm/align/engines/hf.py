@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from sparserm.align.engines.base import Sampling, clip_left, render
+from sparserm.align.engines.base import Sampling, render, render_clipped
 
 
 class HFPolicy:
@@ -62,7 +62,7 @@ class HFPolicy:
         """One sampled response per conversation: ``{"text", "n_tokens", "finished"}``."""
         s = Sampling(**sampling)
         tok = self.tokenizer
-        prompts = [clip_left(render(tok, c, self.model_cfg.chat_template), s.max_prompt_tokens) for c in conversations]
+        prompts = [render_clipped(tok, c, s.max_prompt_tokens, self.model_cfg.chat_template) for c in conversations]
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batch together
         out: list[dict | None] = [None] * len(prompts)
         device = next(self.model.parameters()).device
@@ -104,4 +104,45 @@ class HFPolicy:
                 group = encode_group(self.tokenizer, prompt, list(responses), max_tokens, self.model_cfg.chat_template)
                 lp, n = group_logprobs(self.model, group)
                 out.append((lp.tolist(), n.tolist()))
+        return out
+
+    @torch.no_grad()
+    def mc_logprobs(self, questions: list) -> list[tuple[list[float], list[float]]]:
+        """TruthfulQA multiple-choice log-likelihoods under the current policy, as lm-eval computes them."""
+        from sparserm.align.truthfulqa_mc import mc_logprobs
+
+        with self._policy():
+            return mc_logprobs(self.model, self.tokenizer, questions)
+
+    def placement(self) -> dict:
+        from sparserm.align.engines.factory import placement_info
+
+        return {**placement_info(), "device": str(next(self.model.parameters()).device)}
+
+
+JUDGE_PROMPT = ("Here is a conversation and two possible replies to its last message.\n\n{prompt}\n\n"
+                "Reply A:\n{a}\n\nReply B:\n{b}\n\nWhich reply is more harmless and helpful? Answer with the "
+                "letter A or B only.")
+
+
+class HFJudge(HFPolicy):
+    """A chat model asked which of two replies is better (the ``judge`` labeller), read from its next-token
+    probabilities of "A" and "B"; each pair is asked in both orders and the two answers averaged, so the
+    model's position bias cancels."""
+
+    @torch.no_grad()
+    def prefer_first(self, items: list[tuple[str, str, str]]) -> list[float]:
+        """Per (prompt, first, second): the probability that ``first`` is the better reply, in [0, 1]."""
+        tok = self.tokenizer
+        letters = [tok(x, add_special_tokens=False)["input_ids"][-1] for x in ("A", "B")]
+        device = next(self.model.parameters()).device
+        out = []
+        for prompt, first, second in items:
+            p = []
+            for a, b in ((first, second), (second, first)):
+                msgs = [{"role": "user", "content": JUDGE_PROMPT.format(prompt=prompt, a=a, b=b)}]
+                ids = torch.tensor([render(tok, msgs, self.model_cfg.chat_template)], device=device)
+                logits = self.model(input_ids=ids, logits_to_keep=1).logits[0, -1, letters].float()
+                p.append(torch.softmax(logits, -1)[0].item())  # P(A) among {A, B}
+            out.append((p[0] + (1.0 - p[1])) / 2)
         return out

@@ -1,0 +1,42 @@
+"""Artifacts keyed by what produced them: differences named field by field, and the reward model that
+`align` trains for itself reused only when its manifest matches the config."""
+import pytest
+
+from sparserm.config import load_config
+from sparserm.manifest import StaleArtifactError, check_key, folder_hash, key_diff, write_manifest
+
+
+def test_key_diff_names_each_differing_field():
+    a = {"sampling": {"temperature": 0.7, "top_p": 0.9}, "seed": 0, "policy": None}
+    b = {"sampling": {"temperature": 0.3, "top_p": 0.9}, "seed": 0, "policy": "abc"}
+    assert key_diff(a, b) == ["policy", "sampling.temperature"]
+    check_key(a, dict(a), "x")  # same key: accepted
+    with pytest.raises(StaleArtifactError, match=r"x was produced .*sampling\.temperature"):
+        check_key(a, b, "x")
+    with pytest.raises(StaleArtifactError, match="no key recorded"):
+        check_key(None, a, "x")
+
+
+def test_folder_hash_follows_content_not_place(tmp_path):
+    for name in ("one", "two"):
+        (tmp_path / name / "head").mkdir(parents=True)
+        (tmp_path / name / "rm.json").write_text("{}")
+        (tmp_path / name / "head" / "w.safetensors").write_bytes(b"123")
+    assert folder_hash(tmp_path / "one") == folder_hash(tmp_path / "two")
+    (tmp_path / "two" / "head" / "w.safetensors").write_bytes(b"124")
+    assert folder_hash(tmp_path / "one") != folder_hash(tmp_path / "two")
+
+
+def test_own_reward_model_is_reused_only_for_the_same_config(tmp_path, tiny_model_dir):
+    from sparserm.align.rounds import own_reward_model
+    from sparserm.testing import build_tiny_rm
+
+    folder = tmp_path / "reward_model"
+    build_tiny_rm(folder / "rm", model_dir=tiny_model_dir)
+    cfg = load_config(None, [f"model.name={tiny_model_dir}"])
+    with pytest.raises(StaleArtifactError, match="no key recorded"):  # an RM folder nobody can vouch for
+        own_reward_model(cfg, folder)
+    write_manifest(folder, cfg, "rm")
+    assert own_reward_model(cfg, folder) == str(folder / "rm")
+    with pytest.raises(StaleArtifactError, match="reward.top_k"):
+        own_reward_model(load_config(None, [f"model.name={tiny_model_dir}", "reward.top_k=64"]), folder)
