@@ -157,8 +157,8 @@ class LoraSpec:
 class ActorSpec:
     """Resources of one actor (or worker, or replica): the same two names in every stage."""
 
-    num_cpus: float = 0.5
-    num_gpus: float = 0.0
+    num_cpus: NonNegativeFloat = 0.5
+    num_gpus: NonNegativeFloat = 0.0
 
 
 @dataclass(frozen=True)
@@ -168,8 +168,8 @@ class VLLMSpec:
 
     num_engines: int = 1
     tensor_parallel_size: int = 1
-    num_gpus: float = 1.0
-    num_cpus: float = 1.0
+    num_gpus: NonNegativeFloat = 1.0
+    num_cpus: NonNegativeFloat = 1.0
     gpu_memory_utilization: float = 0.5  # share of the GPU's memory for weights + KV cache
     max_model_len: int = 2048
     max_lora_rank: int = 16
@@ -217,8 +217,8 @@ class TrainConfig:
     deepspeed_stage: int = 2  # ZeRO stage 0-3
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32; the reference runs in the same
     num_workers: int = 1
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0  # per worker; a fraction shares the GPU with the engines (colocated)
+    num_cpus: NonNegativeFloat = 1.0
+    num_gpus: NonNegativeFloat = 0.0  # per worker; a fraction shares the GPU with the engines (colocated)
     backend: str = "auto"  # torch.distributed backend: auto (nccl with GPUs, else gloo) | nccl | gloo
     torch_threads: int = 0  # 0: every core of the machine (generation and training never overlap)
 
@@ -298,6 +298,8 @@ class Config:
             _check(name != "judge" or bool(g.judge_model), "align.generate.judge_model", g.judge_model,
                    "a chat model id or folder for the judge labeller")
         _check(g.n_samples >= 2, "align.generate.n_samples", g.n_samples, ">= 2")
+        _check(g.vllm.tensor_parallel_size == 1 or g.vllm.num_gpus == 1, "align.generate.vllm.num_gpus",
+               g.vllm.num_gpus, "1 with tensor_parallel_size > 1 (two ranks on one GPU fail in NCCL)")
         _check(0 < g.vllm.gpu_memory_utilization <= 1, "align.generate.vllm.gpu_memory_utilization",
                g.vllm.gpu_memory_utilization, "in (0, 1]")
         _check(t.deepspeed_stage in (0, 1, 2, 3), "align.train.deepspeed_stage", t.deepspeed_stage, "0|1|2|3")
@@ -305,9 +307,6 @@ class Config:
         _check(t.backend in ("auto", "nccl", "gloo"), "align.train.backend", t.backend, "auto|nccl|gloo")
         _check(t.batch_size % (t.micro_batch_size * t.num_workers) == 0, "align.train.batch_size", t.batch_size,
                "a multiple of micro_batch_size x num_workers")
-        for key, spec in (("policy", a.policy), ("scorer", a.scorer), ("judge", a.judge), ("train", t),
-                          ("generate.vllm", g.vllm)):
-            _check(spec.num_cpus >= 0 and spec.num_gpus >= 0, f"align.{key}.num_gpus", spec.num_gpus, ">= 0")
         _check(a.loss.beta > 0, "align.loss.beta", a.loss.beta, "> 0")
         return self
 

@@ -109,6 +109,11 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
+def model_key(model_cfg) -> dict:
+    """What names a model's weights and text format (not where it runs or what a reward model reads of it)."""
+    return {k: getattr(model_cfg, k) for k in ("name", "gguf_file", "revision", "dtype", "chat_template")}
+
+
 class StaleArtifactError(ValueError):
     """An artifact on disk that other inputs or settings produced."""
 

@@ -42,13 +42,11 @@ def truthfulqa_mc(policy, questions: list[MCQuestion]) -> dict:
     ``per_item`` keeps each question's values for paired intervals between runs."""
     import ray
 
-    items = mc_items(questions)
-    per = [mc_scores(lp_t, lp_f, best) for (_, _, _, best), (lp_t, lp_f)
-           in zip(items, ray.get(policy.mc_logprobs.remote(questions)))]
-    if not per:
+    from sparserm.align.truthfulqa_mc import scores_from_logprobs
+
+    if not questions:
         return {}
-    return {"mc1": sum(a for a, _ in per) / len(per), "mc2": sum(b for _, b in per) / len(per),
-            "n_mc": len(per), "per_item": {"mc1": [a for a, _ in per], "mc2": [b for _, b in per]}}
+    return scores_from_logprobs(mc_items(questions), ray.get(policy.mc_logprobs.remote(questions)), per_item=True)
 
 
 def harmless_likelihood(policy, pairs: list[dict], max_tokens: int) -> dict:
@@ -68,7 +66,3 @@ def wins(scores: list[float], baseline: list[float]) -> list[float]:
         raise ValueError(f"win_rate: {len(scores)} scores against {len(baseline)} baseline scores")
     return [1.0 if s > b else 0.5 if s == b else 0.0 for s, b in zip(scores, baseline)]
 
-
-def win_rate(scores: list[float], baseline: list[float]) -> float:
-    w = wins(scores, baseline)
-    return sum(w) / len(w)

@@ -83,4 +83,6 @@ def with_instruction(prompt: str, instruction: str | None, max_chars: int) -> li
 
     text = prompt if len(prompt) <= max_chars else prompt[-max_chars:]
     messages = to_messages(text)
+    while len(messages) > 1 and messages[0]["role"] == "assistant":  # the cut landed inside a reply
+        messages = messages[1:]
     return ([{"role": "system", "content": instruction}] if instruction else []) + messages

@@ -32,9 +32,9 @@ from sparserm.align.filter import filter_pairs
 from sparserm.align.labellers import LabelContext, PromptItem
 from sparserm.align.pairs import make_pairs, sampling_of
 from sparserm.align.prompts import TaskData, load_tasks, round_prompts, with_instruction
-from sparserm.align.trainer import adapter_hash
+from sparserm.align.trainer import adapter_hash, dpo_key
 from sparserm.config import Config, to_dict
-from sparserm.manifest import check_key, folder_hash, read_jsonl, stable_hash, write_json, write_jsonl
+from sparserm.manifest import check_key, folder_hash, model_key, read_jsonl, stable_hash, write_json, write_jsonl
 
 
 def log(msg: str) -> None:
@@ -42,16 +42,22 @@ def log(msg: str) -> None:
 
 
 RM_SECTIONS = ("data", "model", "features", "sae", "reward")  # what a reward model trained by `rm train` depends on
+# where it ran, not what it computed; sweep_k / sweep_folds / head_seeds serve `rm sweep` and `rm ablate` only
+PLACEMENT = ("num_actors", "num_cpus", "num_gpus", "device", "torch_threads", "sweep_k", "sweep_folds", "head_seeds")
+
+
+def _without(section: dict | None, names: tuple[str, ...]) -> dict | None:
+    return None if section is None else {k: v for k, v in section.items() if k not in names}
 
 
 def own_reward_model(cfg: Config, folder: Path) -> str:
     """``align.rm_dir`` unset: the reward model of this config, trained into ``folder`` (cached features) or
     reused from there when its manifest shows it was trained on the same data, model and settings."""
-    key = {**{s: to_dict(getattr(cfg, s)) for s in RM_SECTIONS}, "seed": cfg.run.seed}
+    key = {**{s: _without(to_dict(getattr(cfg, s)), PLACEMENT) for s in RM_SECTIONS}, "seed": cfg.run.seed}
     rm_dir, manifest = Path(folder) / "rm", Path(folder) / "manifest.json"
     if (rm_dir / "rm.json").is_file():
         stored = json.loads(manifest.read_text()) if manifest.is_file() else None
-        check_key(None if stored is None else {**{s: stored["config"].get(s) for s in RM_SECTIONS},
+        check_key(None if stored is None else {**{s: _without(stored["config"].get(s), PLACEMENT) for s in RM_SECTIONS},
                                                "seed": stored.get("seed")}, key, rm_dir)
         return str(rm_dir)
     from sparserm.reward.stage import run_rm_train
@@ -98,7 +104,7 @@ class AlignJob:
             ray.get(act.policy.set_adapter.remote(adapter))
 
     def _key(self, adapter: str | None, **extra) -> dict:
-        return {"policy": adapter_hash(adapter), "rm": self.rm_hash, "model": to_dict(self.cfg.model),
+        return {"policy": adapter_hash(adapter), "rm": self.rm_hash, "model": model_key(self.cfg.model),
                 "sampling": sampling_of(self.a), "seed": self.cfg.run.seed, **extra}
 
     def eval_key(self, adapter: str | None) -> dict:
@@ -194,9 +200,11 @@ class AlignJob:
         """The round's DPO (skipped when ``train.json`` exists); None when stopped as asked."""
         from sparserm.align.trainer import train_dpo
 
-        done = folder / "train.json"
+        done, key = folder / "train.json", dpo_key(self.cfg, kept, prev_adapter)
         if done.is_file():
-            return {"history": json.loads(done.read_text())}
+            stored = json.loads(done.read_text())
+            check_key(stored.get("key") if isinstance(stored, dict) else None, key, folder / "adapter")
+            return stored
         t0 = time.time()
         if self.actors is not None:
             self.actors.pool.sleep()  # the engines' GPU memory is the trainer's while it runs
@@ -209,7 +217,7 @@ class AlignJob:
         if adapter_dir.exists():
             shutil.rmtree(adapter_dir)
         shutil.copytree(res["adapter"], adapter_dir)
-        write_json(done, res["history"])
+        write_json(done, {"key": key, "history": res["history"]})
         self._timed("dpo", t0)
         return {"history": res["history"]}
 
@@ -267,8 +275,9 @@ class AlignJob:
                 done = self.out / filt / f"round_{r}" / "metrics.json"
                 adapter = self.out / filt / f"round_{r}" / "adapter"
                 prev = str(self.out / filt / f"round_{r - 1}" / "adapter") if r > 1 else None
-                if done.is_file():
+                if done.is_file():  # a finished round: every step's key must still hold
                     self.check_candidates(r, prev, self.out / "round_1" if r == 1 else done.parent)
+                    self.train(r, filt, done.parent, read_jsonl(done.parent / "pairs.jsonl"), prev)
                     row = json.loads(done.read_text())
                     metrics = self.round_eval(str(adapter), done.parent, f"{filt}/{r}")  # same key: read back
                     if any(row.get(k) != v for k, v in metrics.items()):

@@ -33,9 +33,9 @@ import torch
 
 from sparserm.config import AlignConfig, Config, TrainConfig, to_dict
 
-from sparserm.manifest import stable_hash
+from sparserm.manifest import model_key, stable_hash
 
-__all__ = ["train_dpo", "ds_config", "adapter_hash"]
+__all__ = ["train_dpo", "ds_config", "adapter_hash", "dpo_key"]
 
 
 def use_bf16(t: TrainConfig, device) -> bool:
@@ -97,6 +97,21 @@ def adapter_hash(folder: str | None) -> str | None:
     from sparserm.manifest import file_sha256
 
     return stable_hash([file_sha256(Path(folder, f)) for f in ("adapter_model.safetensors", "adapter_config.json")])
+
+
+# where a run goes, not what it computes (num_workers stays: each worker's optimizer share is saved per rank)
+PLACEMENT_FIELDS = ("num_cpus", "num_gpus", "backend", "torch_threads")
+
+
+def dpo_key(cfg: Config, pairs: list[dict], init_adapter: str | None) -> dict:
+    """What a DPO run's result depends on: the pairs, the training and loss settings, the reference, the model's
+    identity, the starting adapter's content, the token budget and the seed (not placement, not evaluation)."""
+    a = cfg.align
+    return {"pairs": stable_hash([[p["prompt"], p["chosen"], p["rejected"]] for p in pairs]),
+            "train": {k: v for k, v in to_dict(a.train).items() if k not in PLACEMENT_FIELDS},
+            "loss": to_dict(a.loss), "reference": a.reference, "model": model_key(cfg.model),
+            "init": adapter_hash(init_adapter), "seed": cfg.run.seed,
+            "max_tokens": a.generate.max_prompt_tokens + a.generate.max_new_tokens}
 
 
 def frozen_checksum(model) -> float:
@@ -254,10 +269,7 @@ def train_dpo(cfg: Config, pairs: list[dict], *, storage_dir: Path, name: str, i
         raise ValueError(f"{name}: no pairs to train on")
     ensure_ray(cfg.run.ray_address)
     max_tokens = a.generate.max_prompt_tokens + a.generate.max_new_tokens
-    fingerprint = stable_hash({"pairs": [[p["prompt"], p["chosen"], p["rejected"]] for p in pairs],
-                               "train": {k: v for k, v in to_dict(t).items() if k != "torch_threads"},
-                               "loss": to_dict(a.loss), "reference": a.reference, "model": to_dict(cfg.model),
-                               "init": adapter_hash(init_adapter), "max_tokens": max_tokens, "seed": cfg.run.seed})
+    fingerprint = stable_hash(dpo_key(cfg, pairs, init_adapter))
     stored = sorted(Path(storage_dir, name).glob("epoch_*/state.json"))
     if stored and json.loads(stored[-1].read_text())["fingerprint"] != fingerprint:
         raise ValueError(f"{Path(storage_dir, name)} holds a DPO run on other pairs or settings; "

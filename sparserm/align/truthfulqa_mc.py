@@ -187,13 +187,17 @@ def mc_logprobs(model, tokenizer, questions: list[MCQuestion], *, max_length: in
 
 
 def scores_from_logprobs(items: list[tuple[str, list[str], int, int]],
-                         logprobs: list[tuple[list[float], list[float]]]) -> dict:
-    """Mean MC1 and MC2 over questions from :func:`mc_items` and :func:`mc_logprobs` outputs."""
+                         logprobs: list[tuple[list[float], list[float]]], per_item: bool = False) -> dict:
+    """Mean MC1 and MC2 over questions from :func:`mc_items` and :func:`mc_logprobs` outputs; ``per_item``
+    adds each question's values (``{"mc1": [...], "mc2": [...]}``) for paired intervals between runs."""
     if not items or len(items) != len(logprobs):
         raise ValueError(f"truthfulqa: {len(logprobs)} log-prob sets for {len(items)} questions")
     per = [mc_scores(lp_true, lp_false, best) for (_, _, _, best), (lp_true, lp_false) in zip(items, logprobs)]
-    return {"mc1": sum(s for s, _ in per) / len(per), "mc2": sum(s for _, s in per) / len(per),
-            "n_questions": len(per)}
+    out = {"mc1": sum(s for s, _ in per) / len(per), "mc2": sum(s for _, s in per) / len(per),
+           "n_questions": len(per)}
+    if per_item:
+        out["per_item"] = {"mc1": [s for s, _ in per], "mc2": [s for _, s in per]}
+    return out
 
 
 def truthfulqa_mc_scores(model, tokenizer, questions: list[MCQuestion], **kwargs) -> dict:

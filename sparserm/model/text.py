@@ -54,9 +54,20 @@ class TokenGroup:
 
 def messages_text(tokenizer, messages: list[dict], use_chat_template: bool) -> str:
     """Chat messages as the prompt text: the chat template with the assistant turn opened, or, without a
-    template, the contents joined by blank lines."""
+    template, the contents joined by blank lines. A template that refuses a system turn (Gemma-2) gets the
+    system text at the start of the first user turn instead."""
     if use_chat_template and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        try:
+            return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # jinja's TemplateError: e.g. Gemma-2's "System role not supported"
+            if not messages or messages[0]["role"] != "system" or len(messages) < 2:
+                raise
+            merged = [{"role": messages[1]["role"], "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"},
+                      *messages[2:]]
+            try:
+                return tokenizer.apply_chat_template(merged, add_generation_prompt=True, tokenize=False)
+            except Exception:
+                raise exc from None
     return "\n\n".join(m["content"] for m in messages)
 
 

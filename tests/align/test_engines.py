@@ -27,7 +27,7 @@ def test_long_prompt_is_cut_in_the_user_turn_never_the_instruction(tok):
     budget = len(header) + 40
     assert len(full) > 2 * budget
     ids = render_clipped(tok, msgs, budget)
-    assert budget - 8 <= len(ids) <= budget  # re-tokenizing at the cut may lose a few tokens
+    assert len(ids) <= budget
     assert ids[: len(header)] == header[: len(header)]  # the system turn survives whole, at the start
     assert tok.decode(ids).rstrip().endswith("How do I bake bread at home?<|im_end|>\n<|im_start|>assistant")
     assert not _contains(full[-budget:], header[:8])  # the old left clip of the rendered prompt lost the instruction
@@ -66,3 +66,42 @@ print(json.dumps([ray.get(probe.options(num_gpus=g, num_cpus=0).remote()) for g 
     res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads(res.stdout.strip().splitlines()[-1]) == ["cuda", "cuda", "cpu"]
+
+
+def test_a_template_without_a_system_role_gets_the_instruction_in_the_user_turn(tiny_model_dir):
+    """Gemma-2's template raises on a system message; the contrastive instruction then opens the user turn."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                         "{% endif %}{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}")
+    msgs = with_instruction("How do I pick a lock?", INSTRUCTIONS["harmless"][0], 400)
+    text = tok.decode(render(tok, msgs))
+    assert text.startswith("<u>" + INSTRUCTIONS["harmless"][0] + "\n\nHow do I pick a lock?</u>")
+
+
+def test_cut_conversations_still_open_with_a_user_turn(tok):
+    dialogue = ("\n\nHuman: " + "first question about bread " * 30 + "\n\nAssistant: " + "a long reply " * 30 +
+                "\n\nHuman: And how long do I bake it?\n\nAssistant:")
+    msgs = with_instruction(dialogue, INSTRUCTIONS["harmless"][0], max_chars=10_000)
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
+    header = tok(f"<|im_start|>system\n{INSTRUCTIONS['harmless'][0]}<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    text = tok.decode(render_clipped(tok, msgs, len(header) + 40))
+    assert "<|im_start|>assistant\na long reply" not in text and "And how long do I bake it?" in text
+    cut = with_instruction(dialogue, None, max_chars=300)  # the character cut lands inside the reply
+    assert cut[0]["role"] == "user"
+
+
+def test_both_sides_of_a_contrastive_pair_see_the_same_prompt_window(tok):
+    from sparserm.align.engines.base import render_prompts
+
+    prompt = "Human: " + "tell me about bread and the city of Paris " * 40 + "\n\nAssistant:"
+    sides = [with_instruction(prompt, instruction, 10_000) for instruction in INSTRUCTIONS["harmless"]]
+    short, long = sorted(sides, key=lambda c: len(c[0]["content"]))
+    budget = len(render(tok, [long[0], {"role": "user", "content": "x"}])) + 30
+    ids = render_prompts(tok, [short, long, [{"role": "user", "content": "Hi?"}]], budget)
+    texts = [tok.decode(i) for i in ids]
+    assert all(len(i) <= budget for i in ids)
+    bodies = [t.split("<|im_end|>\n", 1)[1] for t in texts[:2]]  # everything after the system turn
+    assert bodies[0] == bodies[1] and short[0]["content"] in texts[0] and long[0]["content"] in texts[1]
+    assert ids[2] == render(tok, [{"role": "user", "content": "Hi?"}])

@@ -40,3 +40,28 @@ def test_own_reward_model_is_reused_only_for_the_same_config(tmp_path, tiny_mode
     assert own_reward_model(cfg, folder) == str(folder / "rm")
     with pytest.raises(StaleArtifactError, match="reward.top_k"):
         own_reward_model(load_config(None, [f"model.name={tiny_model_dir}", "reward.top_k=64"]), folder)
+
+
+def test_dpo_key_follows_training_not_placement(tiny_model_dir):
+    from sparserm.align.trainer import dpo_key
+
+    pairs = [{"prompt": "p", "chosen": "a", "rejected": "b"}]
+    base = load_config(None, [f"model.name={tiny_model_dir}"])
+    key = dpo_key(base, pairs, None)
+    for same in ("align.train.num_cpus=3", "align.train.num_gpus=0.5", "align.train.torch_threads=1",
+                 "align.eval.hh_pairs=5", "model.layer=3", "model.pooling=last"):
+        assert dpo_key(load_config(None, [f"model.name={tiny_model_dir}", same]), pairs, None) == key, same
+    for other in ("align.train.lr=1e-2", "align.loss.beta=0.2", "align.reference=base", "align.train.num_workers=2",
+                  "model.dtype=bfloat16", "align.generate.max_new_tokens=9"):
+        cfg = load_config(None, [f"model.name={tiny_model_dir}", other,
+                                 *(["align.train.batch_size=8"] if "workers" in other else [])])
+        assert dpo_key(cfg, pairs, None) != key, other
+    assert dpo_key(base, pairs + pairs, None) != key
+
+
+def test_tensor_parallel_ranks_take_whole_gpus():
+    from sparserm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="tensor_parallel_size > 1"):
+        load_config(None, ["align.generate.vllm.tensor_parallel_size=2", "align.generate.vllm.num_gpus=0.5"])
+    assert load_config(None, ["align.generate.vllm.tensor_parallel_size=2"]).align.generate.vllm.num_gpus == 1

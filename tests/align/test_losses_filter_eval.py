@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from sparserm.align.evaluate import mc_items, mc_scores, win_rate
+from sparserm.align.evaluate import mc_items, mc_scores, wins
 from sparserm.align.filter import filter_pairs
 from sparserm.align.losses import dpo_loss, get_loss
 from sparserm.data.truthfulqa import MCQuestion
@@ -54,6 +54,6 @@ def test_mc1_mc2_known_answer():
 
 
 def test_win_rate_counts_ties_as_half():
-    assert win_rate([1.0, 2.0, 0.0, 5.0], [0.0, 2.0, 1.0, 1.0]) == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+    assert wins([1.0, 2.0, 0.0, 5.0], [0.0, 2.0, 1.0, 1.0]) == [1.0, 0.5, 0.0, 1.0]
     with pytest.raises(ValueError):
-        win_rate([1.0], [])
+        wins([1.0], [])

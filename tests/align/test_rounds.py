@@ -38,7 +38,7 @@ def test_job_resumes_in_round_two(job_cfg, ray_session, tmp_path, monkeypatch):
     second = run_align(job_cfg, out)
     assert not second["stopped"]
     assert {p: os.stat(p).st_mtime_ns for p in finished} == stamps  # round 1 untouched
-    hist = json.loads((out / "rm" / "round_2" / "train.json").read_text())
+    hist = json.loads((out / "rm" / "round_2" / "train.json").read_text())["history"]
     assert [h["epoch"] for h in hist] == [1, 2]
 
     rows = json.loads((out / "report.json").read_text())["rows"]
@@ -83,3 +83,9 @@ def test_job_resumes_in_round_two(job_cfg, ray_session, tmp_path, monkeypatch):
     hotter = replace(fewer, align=replace(fewer.align, generate=replace(fewer.align.generate, temperature=0.3)))
     with pytest.raises(StaleArtifactError, match="sampling.temperature"):
         run_align(hotter, out)
+    # ... and so is an adapter trained under other training settings, even in a finished round
+    faster = replace(fewer, align=replace(fewer.align, train=replace(fewer.align.train, lr=1e-2)))
+    with pytest.raises(StaleArtifactError, match="train.lr"):
+        run_align(faster, out)
+    placed = replace(fewer, align=replace(fewer.align, train=replace(fewer.align.train, num_cpus=0.5)))
+    assert not run_align(placed, out)["stopped"]  # where a worker runs is no training setting

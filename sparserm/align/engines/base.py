@@ -31,10 +31,36 @@ def render(tokenizer, messages: list[dict], use_chat_template: bool = True) -> l
     return tokenizer(messages_text(tokenizer, messages, templated), add_special_tokens=not templated)["input_ids"]
 
 
+def render_prompts(tokenizer, conversations: list[list[dict]], max_tokens: int,
+                   use_chat_template: bool = True) -> list[list[int]]:
+    """Token ids of each generation prompt within ``max_tokens`` (:func:`render_clipped`). Conversations with
+    the same turns after their system messages (the two sides of a contrastive pair) keep the same window:
+    the one whose system text is longest is cut, and the others take its turns."""
+    import json
+
+    siblings: dict[str, list[int]] = {}
+    for i, conv in enumerate(conversations):
+        siblings.setdefault(json.dumps([m for m in conv if m["role"] != "system"]), []).append(i)
+    out: list[list[int] | None] = [None] * len(conversations)
+    for idx in siblings.values():
+        cut = {i: clip_messages(tokenizer, conversations[i], max_tokens, use_chat_template) for i in idx}
+        body = min(([m for m in cut[i] if m["role"] != "system"] for i in idx),
+                   key=lambda b: sum(len(m["content"]) for m in b))
+        for i in idx:
+            out[i] = render(tokenizer, [m for m in conversations[i] if m["role"] == "system"] + body,
+                            use_chat_template)
+    return out  # type: ignore[return-value]
+
+
 def render_clipped(tokenizer, messages: list[dict], max_tokens: int, use_chat_template: bool = True) -> list[int]:
-    """Token ids of a generation prompt within ``max_tokens``. The conversation is cut from its start (the
-    earliest turns first, then the beginning of the first turn left); system messages, where the
-    contrastive instruction sits, and the template's own tokens are never cut."""
+    """Token ids of a generation prompt within ``max_tokens``: :func:`clip_messages`, rendered."""
+    return render(tokenizer, clip_messages(tokenizer, messages, max_tokens, use_chat_template), use_chat_template)
+
+
+def clip_messages(tokenizer, messages: list[dict], max_tokens: int, use_chat_template: bool = True) -> list[dict]:
+    """The conversation cut from its start until it renders within ``max_tokens`` (the earliest turns first,
+    then the beginning of the first turn left); system messages, where the contrastive instruction sits, and
+    the template's own tokens are never cut."""
     messages = [dict(m) for m in messages]
     ids = render(tokenizer, messages, use_chat_template)
     while len(ids) > max_tokens:
@@ -43,11 +69,13 @@ def render_clipped(tokenizer, messages: list[dict], max_tokens: int, use_chat_te
         first = messages[body[0]]
         content = tokenizer(first["content"], add_special_tokens=False)["input_ids"]
         if len(body) > 1 and len(content) <= excess:
-            del messages[body[0]]  # a whole early turn goes
+            # a whole early turn goes, with the reply after it: the conversation still opens with a user turn
+            drop = body[:2] if messages[body[0]]["role"] == "user" and len(body) > 2 else body[:1]
+            messages = [m for i, m in enumerate(messages) if i not in drop]
         elif excess < len(content):
             first["content"] = tokenizer.decode(content[excess:]).lstrip()
         else:
             raise ValueError(f"max_prompt_tokens={max_tokens} leaves no room for the prompt: the system "
                              f"instruction and template alone take {len(ids) - len(content)} tokens")
         ids = render(tokenizer, messages, use_chat_template)
-    return ids
+    return messages

@@ -6,8 +6,8 @@ Resources come from config under one naming style: ``num_cpus`` / ``num_gpus`` p
 worker). Fractions colocate: on one GPU, e.g. vLLM 0.4 + evaluator 0.2 + scorer 0.2 + one DPO worker 0.2 =
 1.0, and generation -> scoring -> DPO -> evaluation run in turn (vLLM sleeps while DPO trains, so its
 memory is free). The sum of every request is checked against the cluster before anything is created, and
-every placement group and actor must be up within ``PLACEMENT_TIMEOUT_S``, so a job that cannot be placed
-fails with the reason instead of waiting forever.
+every placement group must be granted within ``PLACEMENT_TIMEOUT_S``, so a job that cannot be placed fails
+with the reason instead of waiting forever (the actors' constructors, which load models, get an hour).
 
 ``auto`` picks vLLM when the cluster has GPUs and vLLM imports, else the transformers engine, which then is
 also the evaluator (one copy of the model). Generation, scoring and training never run at the same time,
@@ -22,7 +22,8 @@ import ray
 
 from sparserm.config import Config, ConfigError, to_dict
 
-PLACEMENT_TIMEOUT_S = 120.0
+PLACEMENT_TIMEOUT_S = 120.0  # for the placement groups: resources that are there are granted in seconds
+ACTOR_START_TIMEOUT_S = 3600.0  # for the actors' constructors: a hub download and vLLM's start can take long
 
 
 def resolve_engine(name: str) -> str:
@@ -78,7 +79,8 @@ class EnginePool:
     def generate(self, conversations: list[list[dict]], sampling: dict, seed: int, batch_size: int) -> list[dict]:
         k = len(self.actors)
         size = -(-len(conversations) // k)
-        refs = [a.generate.remote(conversations[i * size:(i + 1) * size], sampling, seed + 7919 * i, batch_size)
+        # engine i's requests start at index i * size, so every request of the call gets its own seed
+        refs = [a.generate.remote(conversations[i * size:(i + 1) * size], sampling, seed + i * size, batch_size)
                 for i, a in enumerate(self.actors) if conversations[i * size:(i + 1) * size]]
         return [r for part in ray.get(refs) for r in part]
 
@@ -148,7 +150,8 @@ def make_actors(cfg: Config, rm_dir: str) -> AlignActors:
         rm_dir, threads)
     judge = None
     if needs_judge:
-        judge_model = {**to_dict(cfg.model), "name": a.generate.judge_model, "gguf_file": None, "revision": None}
+        judge_model = {**to_dict(cfg.model), "name": a.generate.judge_model, "gguf_file": None, "revision": None,
+                       "chat_template": True}  # a judge is asked as a chat model whatever the policy's setting
         judge = ray.remote(HFJudge).options(num_cpus=a.judge.num_cpus, num_gpus=a.judge.num_gpus).remote(
             judge_model, cfg.run.cache_dir, threads)
     pgs = []
@@ -166,7 +169,8 @@ def make_actors(cfg: Config, rm_dir: str) -> AlignActors:
     return actors
 
 
-def wait_placed(actors: AlignActors, timeout_s: float = PLACEMENT_TIMEOUT_S) -> dict[str, dict]:
+def wait_placed(actors: AlignActors, timeout_s: float = PLACEMENT_TIMEOUT_S,
+                start_timeout_s: float = ACTOR_START_TIMEOUT_S) -> dict[str, dict]:
     """Every placement group ready and every actor constructed, or an error naming what is not; returns
     where each actor runs."""
     for i, pg in enumerate(actors.placement_groups):
@@ -176,10 +180,10 @@ def wait_placed(actors: AlignActors, timeout_s: float = PLACEMENT_TIMEOUT_S) -> 
                                f"{timeout_s:.0f} s; the cluster has {ray.available_resources()} free")
     roles = actors.roles()
     refs = {role: actor.placement.remote() for role, actor in roles.items()}
-    _, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+    _, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=start_timeout_s)
     if pending:
         late = [role for role, ref in refs.items() if ref in pending]
-        raise RuntimeError(f"alignment actors {late} did not start in {timeout_s:.0f} s; "
+        raise RuntimeError(f"alignment actors {late} did not start in {start_timeout_s:.0f} s; "
                            f"free resources: {ray.available_resources()}")
     return {role: ray.get(ref) for role, ref in refs.items()}
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from sparserm.align.engines.base import Sampling, render, render_clipped
+from sparserm.align.engines.base import Sampling, render, render_prompts
 
 
 class HFPolicy:
@@ -62,7 +62,7 @@ class HFPolicy:
         """One sampled response per conversation: ``{"text", "n_tokens", "finished"}``."""
         s = Sampling(**sampling)
         tok = self.tokenizer
-        prompts = [render_clipped(tok, c, s.max_prompt_tokens, self.model_cfg.chat_template) for c in conversations]
+        prompts = render_prompts(tok, conversations, s.max_prompt_tokens, self.model_cfg.chat_template)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batch together
         out: list[dict | None] = [None] * len(prompts)
         device = next(self.model.parameters()).device
@@ -134,7 +134,14 @@ class HFJudge(HFPolicy):
     def prefer_first(self, items: list[tuple[str, str, str]]) -> list[float]:
         """Per (prompt, first, second): the probability that ``first`` is the better reply, in [0, 1]."""
         tok = self.tokenizer
-        letters = [tok(x, add_special_tokens=False)["input_ids"][-1] for x in ("A", "B")]
+        letters = []
+        for x in ("A", "B"):  # the answer's first token, with a leading space too where that is one token
+            ids = [tok(v, add_special_tokens=False)["input_ids"] for v in (x, " " + x)]
+            if len(ids[0]) != 1:
+                raise ValueError(f"judge model: {x!r} is not one token of its tokenizer ({ids[0]})")
+            letters.append(sorted({i[0] for i in ids if len(i) == 1}))
+        if set(letters[0]) & set(letters[1]):
+            raise ValueError("judge model: 'A' and 'B' share a token")
         device = next(self.model.parameters()).device
         out = []
         for prompt, first, second in items:
@@ -142,7 +149,8 @@ class HFJudge(HFPolicy):
             for a, b in ((first, second), (second, first)):
                 msgs = [{"role": "user", "content": JUDGE_PROMPT.format(prompt=prompt, a=a, b=b)}]
                 ids = torch.tensor([render(tok, msgs, self.model_cfg.chat_template)], device=device)
-                logits = self.model(input_ids=ids, logits_to_keep=1).logits[0, -1, letters].float()
-                p.append(torch.softmax(logits, -1)[0].item())  # P(A) among {A, B}
+                probs = torch.softmax(self.model(input_ids=ids, logits_to_keep=1).logits[0, -1].float(), -1)
+                p_a, p_b = (float(probs[ids_].sum()) for ids_ in letters)
+                p.append(p_a / (p_a + p_b))  # P(A) among {A, B}
             out.append((p[0] + (1.0 - p[1])) / 2)
         return out

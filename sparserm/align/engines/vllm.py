@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from sparserm.align.engines.base import Sampling, render_clipped
+from sparserm.align.engines.base import Sampling, render_prompts
 
 
 def request_seeds(seed: int, n: int) -> list[int]:
@@ -69,8 +69,8 @@ class VLLMEngine:
 
         self.wake_up()
         s = Sampling(**sampling)
-        prompts = [TokensPrompt(prompt_token_ids=render_clipped(self.tokenizer, c, s.max_prompt_tokens,
-                                                                self.model_cfg.chat_template)) for c in conversations]
+        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in render_prompts(
+            self.tokenizer, conversations, s.max_prompt_tokens, self.model_cfg.chat_template)]
         params = [SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens, seed=k)
                   for k in request_seeds(seed, len(prompts))]
         outs = self.llm.generate(prompts, params, lora_request=self.lora, use_tqdm=False)
