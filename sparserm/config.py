@@ -194,8 +194,11 @@ class GenerateConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    name: str = "dpo"  # an entry of sparserm.align.losses.LOSSES
-    beta: float = 0.1
+    """The preference objective (sparserm.align.objectives); a field an objective does not read is ignored by it."""
+
+    name: str = "dpo"  # an entry of sparserm.align.objectives.OBJECTIVES: dpo | simpo
+    beta: float | None = None  # None: the objective's own default (dpo 0.1, simpo 2.0)
+    simpo_gamma: float = 0.5  # SimPO's target reward margin (SimPO paper's default with beta 2.0)
 
 
 @dataclass(frozen=True)
@@ -204,6 +207,7 @@ class TrainConfig:
 
     epochs: int = 3
     lr: float = 5e-4
+    warmup_steps: NonNegativeInt = 0  # optimizer steps of linear warm-up to lr, then constant (FPO paper: 150)
     batch_size: int = 8  # pairs per optimizer step (over all workers)
     micro_batch_size: int = 4  # pairs per forward per worker
     lora: LoraSpec = field(default_factory=LoraSpec)
@@ -271,13 +275,13 @@ class Config:
         _check(s.source != "train" or 2 * self.reward.top_k <= s.width, "reward.top_k", self.reward.top_k,
                f"<= {s.width // 2}: 2 x top_k disjoint latents of sae.width={s.width}")
         from sparserm.align.labellers import LABELLERS
-        from sparserm.align.losses import LOSSES
+        from sparserm.align.objectives import OBJECTIVES
         from sparserm.serve.options import validate_serve
 
         validate_serve(self.serve)
         a = self.align
         g, t = a.generate, a.train
-        _check(a.loss.name in LOSSES, "align.loss.name", a.loss.name, "|".join(sorted(LOSSES)))
+        _check(a.loss.name in OBJECTIVES, "align.loss.name", a.loss.name, "|".join(sorted(OBJECTIVES)))
         _check(a.rounds >= 1, "align.rounds", a.rounds, ">= 1")
         _check(a.reference in ("previous", "base"), "align.reference", a.reference, "previous|base")
         _check(g.engine in ("auto", "hf", "vllm"), "align.generate.engine", g.engine, "auto|hf|vllm")
@@ -300,7 +304,7 @@ class Config:
         _check(t.backend in ("auto", "nccl", "gloo"), "align.train.backend", t.backend, "auto|nccl|gloo")
         _check(t.batch_size % (t.micro_batch_size * t.num_workers) == 0, "align.train.batch_size", t.batch_size,
                "a multiple of micro_batch_size x num_workers")
-        _check(a.loss.beta > 0, "align.loss.beta", a.loss.beta, "> 0")
+        _check(a.loss.beta is None or a.loss.beta > 0, "align.loss.beta", a.loss.beta, "> 0, or unset")
         return self
 
 
