@@ -13,12 +13,13 @@ micro-batch) and calls ``objective.loss``. The reference is the same model (no s
 disabled (``align.reference: base``) or as the round starts (``previous``: the previous round's policy). Its
 stats are computed through the DeepSpeed engine itself, after ``initialize``, so reference and policy run in
 the same dtype on the same weights and DPO's u = 0 before the first step (recorded as
-``u_abs_max_before_first_step``, with ``reference_forwards``, the reference micro-batches this run computed);
-pairs are split over workers, then all-reduced, and stored in the checkpoint. Every epoch rank 0 writes:
+``u_abs_max_before_first_step``, with ``reference_kind`` and ``reference_forwards``, the reference
+micro-batches this run computed); pairs are split over workers, then all-reduced, and stored in the
+checkpoint. Every epoch rank 0 writes:
 
     adapter/                  peft adapter (adapter_model.safetensors + adapter_config.json)
-    reference.safetensors     the reference stats of every pair (only for an objective that has a reference)
-    state.json                epoch, per-epoch history (loss, accuracy, the lr of every step, global step), fingerprint
+    reference.safetensors     the reference stats of every pair (for an objective that has a reference)
+    state.json                epoch, per-epoch history (loss, accuracy, each step's lr, global step), fingerprint
     optimizer/rank_<r>.*      each rank's optimizer moments (``optimizer_state``; written by every rank)
 
 A rerun with the same ``storage_dir``/``name`` resumes after the last finished epoch (Ray Train's run
@@ -276,7 +277,8 @@ def _train_loop(c: dict) -> dict:
         global_step += len(lrs)
         if epoch == 1 and u_first is not None:
             row.update(u_abs_max_before_first_step=u_first, dtype=str(next(engine.module.parameters()).dtype),
-                       objective=objective.name, reference=objective.reference, reference_forwards=ref_forwards,
+                       objective=objective.name, reference_kind=objective.reference,
+                       reference_forwards=ref_forwards,
                        placement={"node_id": ray.get_runtime_context().get_node_id(),
                                   "gpu_ids": [str(x) for x in ray.get_gpu_ids()], "device": str(device)})
         history.append(row)

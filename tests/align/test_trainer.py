@@ -155,7 +155,7 @@ def test_an_objective_registered_in_a_test_trains_with_no_change_to_the_trainer(
     h1, h2 = res["history"]
     # 4 pairs, 4 a step: epoch 1's two micro-batches both run before its one optimizer step, where the policy is
     # the reference (previous = the fresh adapter, LoRA B = 0): h = 0, loss = (0 - 1/(2 x 0.5))^2 = 1
-    assert h1["objective"] == "ipo_test" and h1["reference"] == "sequence" and h1["reference_forwards"] == 2
+    assert h1["objective"] == "ipo_test" and h1["reference_kind"] == "sequence" and h1["reference_forwards"] == 2
     assert h1["loss"] == pytest.approx(1.0, abs=1e-4) and h1["u_abs_max_before_first_step"] < 1e-4
     assert h2["loss"] < h1["loss"]  # one step raised h towards 1/(2 tau)
     assert h1["reward_margin"] == pytest.approx(0.0, abs=1e-4)  # mean h / beta
@@ -163,7 +163,7 @@ def test_an_objective_registered_in_a_test_trains_with_no_change_to_the_trainer(
     assert sorted(ref) == ["chosen", "chosen_tokens", "rejected", "rejected_tokens"] and ref["chosen"].shape == (4,)
 
 
-def test_simpo_trains_without_a_reference_pass(tiny_align_config, ray_session, tmp_path, cache_dir, dpo_pairs):
+def test_simpo_trains_without_a_reference_pass(tiny_align_config, ray_session, tmp_path, dpo_pairs):
     from sparserm.align.trainer import _pair_stats, _tokenize, train_dpo
     from sparserm.model.backbone import load_causal_lm
 
@@ -171,12 +171,12 @@ def test_simpo_trains_without_a_reference_pass(tiny_align_config, ray_session, t
     pairs = dpo_pairs[:4]
     first = train_dpo(cfg, pairs, storage_dir=tmp_path, name="simpo", stop_after_epoch=1, progress=False)
     h1 = first["history"][0]
-    assert h1["objective"] == "simpo" and h1["reference"] == "none" and h1["reference_forwards"] == 0
+    assert h1["objective"] == "simpo" and h1["reference_kind"] == "none" and h1["reference_forwards"] == 0
     assert not (Path(first["adapter"]).parent / "reference.safetensors").exists()  # nothing computed, nothing stored
 
     # epoch 1 is all before its one optimizer step, where the policy is the base model (LoRA B = 0): its loss
     # is the mean of -log sigma(2 (a_w - a_l) - 0.5) under the base, a = summed log-prob / response tokens
-    model, tok = load_causal_lm(cfg.model, str(cache_dir), torch.device("cpu"))
+    model, tok = load_causal_lm(cfg.model, cfg.run.cache_dir, torch.device("cpu"))
     a = cfg.align.generate
     seqs = _tokenize(tok, pairs, a.max_prompt_tokens + a.max_new_tokens, cfg.model.chat_template)
     with torch.no_grad():
