@@ -51,7 +51,7 @@ JOB = textwrap.dedent('''
     except Exception as exc:
         print(json.dumps({"error": type(exc).__name__, "message": str(exc), "seconds": time.time() - t0}))
         sys.exit(0)
-    history = json.loads(open(f"{out}/none/round_1/train.json").read())
+    history = json.loads(open(f"{out}/none/round_1/train.json").read())["history"]  # {"key", "history"}
     print(json.dumps({"seconds": time.time() - t0, "stopped": result["stopped"],
                       "pg_states": [p["state"] for p in placement_group_table().values()],
                       "dpo_placement": history[0]["placement"], "rows": result["rows"]["none"],
