@@ -2,26 +2,19 @@
 
 A YAML file overrides some of them, and the command line any field as ``key.sub=value`` (parsed as YAML).
 pydantic checks it against the dataclasses (strict types, ranges and choices from the annotations; rules across
-fields: ``Config.validate``); unknown keys and wrong values raise ``ConfigError`` naming the dotted key."""
+fields: ``Config.validate``); unknown keys and wrong values raise ``ConfigError`` naming the dotted key. The
+machinery that builds them (``build``, ``load_config``, ...) is in ``sparserm.config_build``, re-exported here."""
 from __future__ import annotations
 
-import dataclasses
-import functools
 import os
-import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import pydantic
-import pydantic_core
-import yaml
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt
 
-
-class ConfigError(ValueError):
-    """A config key that does not exist, or a value of the wrong type."""
+from sparserm.config_build import (ConfigError, build, load_config, parse_override, replace,  # noqa: F401 (re-exported)
+                                   strict, to_dict)
 
 
 def default_cache_dir() -> str:
@@ -201,8 +194,11 @@ class GenerateConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    name: str = "dpo"  # an entry of sparserm.align.losses.LOSSES
-    beta: float = 0.1
+    """The preference objective (sparserm.align.objectives); a field an objective does not read is ignored by it."""
+
+    name: str = "dpo"  # an entry of sparserm.align.objectives.OBJECTIVES: dpo | simpo
+    beta: float | None = None  # None: the objective's own default (dpo 0.1, simpo 2.0)
+    simpo_gamma: float = 0.5  # SimPO's target reward margin (SimPO paper's default with beta 2.0)
 
 
 @dataclass(frozen=True)
@@ -211,6 +207,7 @@ class TrainConfig:
 
     epochs: int = 3
     lr: float = 5e-4
+    warmup_steps: NonNegativeInt = 0  # optimizer steps of linear warm-up to lr, then constant (FPO paper: 150)
     batch_size: int = 8  # pairs per optimizer step (over all workers)
     micro_batch_size: int = 4  # pairs per forward per worker
     lora: LoraSpec = field(default_factory=LoraSpec)
@@ -278,13 +275,13 @@ class Config:
         _check(s.source != "train" or 2 * self.reward.top_k <= s.width, "reward.top_k", self.reward.top_k,
                f"<= {s.width // 2}: 2 x top_k disjoint latents of sae.width={s.width}")
         from sparserm.align.labellers import LABELLERS
-        from sparserm.align.losses import LOSSES
+        from sparserm.align.objectives import OBJECTIVES
         from sparserm.serve.options import validate_serve
 
         validate_serve(self.serve)
         a = self.align
         g, t = a.generate, a.train
-        _check(a.loss.name in LOSSES, "align.loss.name", a.loss.name, "|".join(sorted(LOSSES)))
+        _check(a.loss.name in OBJECTIVES, "align.loss.name", a.loss.name, "|".join(sorted(OBJECTIVES)))
         _check(a.rounds >= 1, "align.rounds", a.rounds, ">= 1")
         _check(a.reference in ("previous", "base"), "align.reference", a.reference, "previous|base")
         _check(g.engine in ("auto", "hf", "vllm"), "align.generate.engine", g.engine, "auto|hf|vllm")
@@ -307,7 +304,7 @@ class Config:
         _check(t.backend in ("auto", "nccl", "gloo"), "align.train.backend", t.backend, "auto|nccl|gloo")
         _check(t.batch_size % (t.micro_batch_size * t.num_workers) == 0, "align.train.batch_size", t.batch_size,
                "a multiple of micro_batch_size x num_workers")
-        _check(a.loss.beta > 0, "align.loss.beta", a.loss.beta, "> 0")
+        _check(a.loss.beta is None or a.loss.beta > 0, "align.loss.beta", a.loss.beta, "> 0, or unset")
         return self
 
 
@@ -316,82 +313,4 @@ def _check(ok: bool, key: str, value: Any, expected: str) -> None:
         raise ConfigError(f"{key}={value!r} is invalid: expected {expected}")
 
 
-# ---------------------------------------------------------------- building from dicts (pydantic)
-
-_Loader = type("_Loader", (yaml.SafeLoader,), {})  # YAML 1.1 reads 5e-3 and 1.5e3 as strings; this one: floats
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
-    r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+.0123456789"))
-for _cls in [c for c in list(globals().values()) if isinstance(c, type) and dataclasses.is_dataclass(c)]:
-    _cls.__pydantic_config__ = pydantic.ConfigDict(extra="forbid", strict=True)  # strict: a bool is no int
-_adapter = functools.cache(pydantic.TypeAdapter)
-
-
-def _section(tp: Any, lists: bool = True) -> dict[str, Any] | None:
-    """Field types of the dataclass a ``tp`` holds: ``X``, ``X | None`` (``tuple[X, ...]`` if ``lists``); or None."""
-    inner = [a for a in (tp, *typing.get_args(tp)) if isinstance(a, type) and dataclasses.is_dataclass(a)]
-    return typing.get_type_hints(inner[0]) if inner and (lists or typing.get_origin(tp) is not tuple) else None
-
-
-def _message(cls: type, prefix: str, e: dict) -> str:
-    """One pydantic error as text, its ``loc`` as our dotted key (``data.sources[0].path``)."""
-    key = (prefix + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"])).lstrip(".")
-    if e["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
-        known = functools.reduce(lambda f, p: f if isinstance(p, int) else _section(f.get(p)) or {}, e["loc"][:-1],
-                                 _section(cls))
-        return f"unknown config key {key} (known: {', '.join(sorted(known))})"
-    got = "" if e["type"] == "missing" else f"={e['input']!r} ({type(e['input']).__name__})"
-    return f"{key or cls.__name__}{got} is invalid: {e['msg']}"
-
-
-def build(cls: type, values: Any, prefix: str = "") -> Any:
-    """``cls`` from a mapping (YAML, ``to_dict`` output), by pydantic's strict JSON rules: arrays to tuples, objects
-    to dataclasses, an int is a float, absent keys at their defaults. ``prefix`` names ``values`` in errors."""
-    try:
-        return _adapter(cls).validate_json(pydantic_core.to_json(values, inf_nan_mode="constants"))
-    except pydantic_core.PydanticSerializationError as exc:
-        raise ConfigError(f"{prefix or cls.__name__}: not a config value ({exc})") from None
-    except pydantic.ValidationError as exc:
-        raise ConfigError("; ".join(_message(cls, prefix, e) for e in exc.errors())) from None
-
-
-to_dict = pydantic_core.to_jsonable_python  # config object -> plain dicts, lists and scalars; `build` reads them back
-replace = dataclasses.replace
-
-
-def _set_path(tree: dict, dotted: str, value: Any) -> None:
-    """Put ``value`` at ``a.b.c`` of a YAML tree; ``a.b`` must be config sections (pydantic checks the rest). Each
-    mapping on the way is copied (YAML aliases share them); a None (an unset ``serve.autoscaling``) becomes one."""
-    *parents, last = dotted.split(".")
-    node, fields = tree, _section(Config)
-    for i, part in enumerate(parents):
-        if (fields := _section(fields.get(part), lists=False)) is None:
-            raise ConfigError(f"unknown config key {dotted}: {'.'.join(parents[:i + 1])} is not a config section")
-        node[part] = node = dict(node[part]) if isinstance(node.get(part), dict) else {}
-    node[last] = value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    key, eq, raw = text.partition("=")
-    if not eq:
-        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
-    try:
-        return key.strip(), (yaml.load(raw, Loader=_Loader) if raw else "")
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from exc
-
-
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- YAML file <- ``key.sub=value`` overrides, validated; relative paths are from the current folder."""
-    tree: Any = {}
-    if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            tree = yaml.load(Path(path).read_text(), Loader=_Loader) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path}: {exc}") from exc
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    for item in overrides:
-        _set_path(tree, *parse_override(item))
-    return build(Config, tree).validate()
+strict(globals())  # every dataclass above: unknown keys and loose types refused

@@ -1,10 +1,10 @@
 """Log-probabilities of responses under a causal LM: the one computation DPO and every evaluation share.
 
 ``encode_batch`` turns token groups (one prompt, several responses) into a left-padded batch with a
-response mask; ``response_logprobs`` sums (or averages) the log-probs of the response tokens, computing
-the LM head only over the last positions where responses live. ``group_logprobs`` scores the responses of
-one prompt with the prompt run once and its KV cache repeated over the responses (MC options, HH pairs),
-equal to the batched computation up to float rounding (tested).
+response mask; ``response_logprobs`` sums (or averages) the log-probs of the response tokens and counts the
+tokens, computing the LM head only over the last positions where responses live. ``group_logprobs`` scores
+the responses of one prompt with the prompt run once and its KV cache repeated over the responses (MC
+options, HH pairs), equal to the batched computation up to float rounding (tested).
 """
 from __future__ import annotations
 
@@ -59,16 +59,18 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-def response_logprobs(model, batch: SequenceBatch, average: bool = False) -> torch.Tensor:
-    """Sum (``average``: mean) over response tokens of log p(token | everything before it); [B]."""
+def response_logprobs(model, batch: SequenceBatch, average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum (``average``: mean) over response tokens of log p(token | everything before it), [B] float32, and
+    the response token counts [B] (float32, exact: counted in integers), as ``group_logprobs`` returns them."""
     keep = batch.n_response + 1
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                 use_cache=False, logits_to_keep=keep)
     logits = out.logits[:, -keep:-1]  # predicts the last n_response tokens
     targets = batch.input_ids[:, -batch.n_response:]
-    mask = batch.response_mask[:, -batch.n_response:].to(logits.dtype)
-    lp = (token_logprobs(logits, targets) * mask).sum(1)
-    return lp / mask.sum(1).clamp(min=1) if average else lp
+    mask = batch.response_mask[:, -batch.n_response:]
+    lp = (token_logprobs(logits, targets) * mask).sum(1)  # float32 (token_logprobs upcasts the logits)
+    counts = mask.sum(1).to(lp.dtype)
+    return (lp / counts.clamp(min=1) if average else lp), counts
 
 
 @torch.no_grad()

@@ -1,24 +1,33 @@
-"""DPO with LoRA under DeepSpeed, on Ray Train (``TorchTrainer``: NCCL on GPUs, gloo on CPU).
+"""Preference training with LoRA under DeepSpeed, on Ray Train (``TorchTrainer``: NCCL on GPUs, gloo on CPU),
+for any objective of ``sparserm.align.objectives`` (``align.loss.name``: dpo, simpo, ...).
 
 Each worker loads the base model once, adds (or continues) the LoRA adapter with peft and hands the model
-with an AdamW over the adapter's parameters to ``deepspeed.initialize`` (ZeRO stage from config; bf16 on
-CUDA, fp32 on CPU unless ``align.train.precision`` says otherwise). The reference is the same model (no
-second copy): with the adapter disabled (``align.reference: base``) or as the round starts
-(``previous``: the previous round's policy). Its log-probs are computed once per round through the
-DeepSpeed engine itself, after ``initialize``, so reference and policy run in the same dtype on the same
-weights and u = 0 before the first step (recorded as ``u_abs_max_before_first_step``); pairs are split
-over workers, then all-reduced, and stored in the checkpoint. Every epoch rank 0 writes a checkpoint:
+with an AdamW over the adapter's parameters, and the warm-up schedule of ``sparserm.align.schedule``
+(``align.train.warmup_steps``, then constant), to ``deepspeed.initialize`` (ZeRO stage from config; bf16 on
+CUDA, fp32 on CPU unless ``align.train.precision`` says otherwise).
+
+The loop never names an objective: it asks the objective what it needs from the reference model
+(``reference``), computes that once per round (``REFERENCE_PASSES``; nothing at all for ``"none"``), computes
+the policy's :class:`PairStats` (summed log-probs and token counts of chosen and rejected, one forward per
+micro-batch) and calls ``objective.loss``. The reference is the same model (no second copy): with the adapter
+disabled (``align.reference: base``) or as the round starts (``previous``: the previous round's policy). Its
+stats are computed through the DeepSpeed engine itself, after ``initialize``, so reference and policy run in
+the same dtype on the same weights and DPO's u = 0 before the first step (recorded as
+``u_abs_max_before_first_step``, with ``reference_kind`` and ``reference_forwards``, the reference
+micro-batches this run computed); pairs are split over workers, then all-reduced, and stored in the
+checkpoint. Every epoch rank 0 writes:
 
     adapter/                  peft adapter (adapter_model.safetensors + adapter_config.json)
-    reference.safetensors     reference log-probs of every pair (chosen, rejected)
-    state.json                epoch, per-epoch history, fingerprint
+    reference.safetensors     the reference stats of every pair (for an objective that has a reference)
+    state.json                epoch, per-epoch history (loss, accuracy, each step's lr, global step), fingerprint
     optimizer/rank_<r>.*      each rank's optimizer moments (``optimizer_state``; written by every rank)
 
 A rerun with the same ``storage_dir``/``name`` resumes after the last finished epoch (Ray Train's run
-snapshot) with the adapter and the optimizer moments of that epoch. The shuffle of epoch e depends only on
-(seed, e), so a resumed run follows the same steps as an unbroken one. The run's fingerprint covers what
-changes training (pairs, ``align.train``, ``align.loss``, ``align.reference``, the model, the starting
-adapter's content, the token budget, the seed), so an evaluation or generation setting never blocks a resume.
+snapshot) with the adapter and the optimizer moments of that epoch, and the lr schedule at the global step it
+stopped at. The shuffle of epoch e depends only on (seed, e), so a resumed run follows the same steps as an
+unbroken one. The run's fingerprint covers what changes training (pairs, ``align.train``, the objective's
+``key`` of ``align.loss``, ``align.reference``, the model, the starting adapter's content, the token budget,
+the seed), so an evaluation or generation setting never blocks a resume.
 """
 from __future__ import annotations
 
@@ -31,11 +40,12 @@ from pathlib import Path
 
 import torch
 
+from sparserm.align.objectives import PairStats, get_objective
 from sparserm.config import AlignConfig, Config, TrainConfig, to_dict
 
 from sparserm.manifest import model_key, stable_hash
 
-__all__ = ["train_dpo", "ds_config", "adapter_hash", "dpo_key"]
+__all__ = ["train_dpo", "ds_config", "adapter_hash", "dpo_key", "REFERENCE_PASSES"]
 
 
 def use_bf16(t: TrainConfig, device) -> bool:
@@ -69,12 +79,48 @@ def _tokenize(tok, pairs: list[dict], max_tokens: int, chat_template: bool) -> l
     return out
 
 
-def _pair_logprobs(model, seqs: list[tuple], idx: list[int], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _pair_stats(model, seqs: list[tuple], idx: list[int], pad_id: int, device) -> PairStats:
+    """Summed log-probs and token counts of the pairs ``idx``: chosen and rejected in one forward."""
     from sparserm.align.logprobs import encode_batch, response_logprobs
 
     batch = encode_batch([seqs[i][0] for i in idx] + [seqs[i][1] for i in idx], pad_id).to(device)
-    lp = response_logprobs(model, batch)
-    return lp[: len(idx)], lp[len(idx):]
+    lp, count = response_logprobs(model, batch)
+    b = len(idx)
+    return PairStats(lp[:b], lp[b:], count[:b], count[b:])
+
+
+def _sequence_reference(engine, seqs: list[tuple], rank: int, world: int, micro: int, pad_id: int,
+                        device) -> tuple[PairStats, int]:
+    """Reference ``"sequence"`` stats of every pair (float64, on CPU), the pairs split over the workers and
+    all-reduced, and the number of forwards this rank ran. The caller sets the reference up (adapter off or on)."""
+    import torch.distributed as dist
+
+    n = len(seqs)
+    out = torch.zeros(4, n, dtype=torch.float64)  # chosen, rejected, chosen_tokens, rejected_tokens
+    mine, forwards = list(range(rank, n, world)), 0
+    with torch.no_grad():
+        for b in range(0, len(mine), micro):
+            idx = mine[b: b + micro]
+            out[:, idx] = torch.stack(_pair_stats(engine, seqs, idx, pad_id, device).as_tuple()).double().cpu()
+            forwards += 1
+    if world > 1:
+        both = out.to(device)
+        dist.all_reduce(both)
+        out = both.cpu()
+    return PairStats(*out), forwards
+
+
+# how each kind of reference an objective declares is computed (objectives.REFERENCE_KINDS; "none": nothing)
+REFERENCE_PASSES = {"sequence": _sequence_reference}
+
+
+def _load_reference(path: Path, seqs: list[tuple]) -> PairStats:
+    from safetensors.torch import load_file
+
+    d = load_file(str(path))
+    for side, j in (("chosen", 0), ("rejected", 1)):  # checkpoints of before the counts were stored
+        d.setdefault(f"{side}_tokens", torch.tensor([float(len(s[j][1])) for s in seqs], dtype=torch.float64))
+    return PairStats.from_dict(d)
 
 
 def _adapter_state(model, stage: int) -> dict[str, torch.Tensor]:
@@ -101,6 +147,8 @@ def adapter_hash(folder: str | None) -> str | None:
 
 # where a run goes, not what it computes (num_workers stays: each worker's optimizer share is saved per rank)
 PLACEMENT_FIELDS = ("num_cpus", "num_gpus", "backend", "torch_threads")
+# fields added after runs were keyed: at these values they compute what the runs before them did, and stay out
+UNSET_WHEN = {"warmup_steps": 0}
 
 
 def dpo_key(cfg: Config, pairs: list[dict], init_adapter: str | None) -> dict:
@@ -108,8 +156,9 @@ def dpo_key(cfg: Config, pairs: list[dict], init_adapter: str | None) -> dict:
     identity, the starting adapter's content, the token budget and the seed (not placement, not evaluation)."""
     a = cfg.align
     return {"pairs": stable_hash([[p["prompt"], p["chosen"], p["rejected"]] for p in pairs]),
-            "train": {k: v for k, v in to_dict(a.train).items() if k not in PLACEMENT_FIELDS},
-            "loss": to_dict(a.loss), "reference": a.reference, "model": model_key(cfg.model),
+            "train": {k: v for k, v in to_dict(a.train).items()
+                      if k not in PLACEMENT_FIELDS and not (k in UNSET_WHEN and v == UNSET_WHEN[k])},
+            "loss": get_objective(a.loss.name).key(a.loss), "reference": a.reference, "model": model_key(cfg.model),
             "init": adapter_hash(init_adapter), "seed": cfg.run.seed,
             "max_tokens": a.generate.max_prompt_tokens + a.generate.max_new_tokens}
 
@@ -129,8 +178,8 @@ def _train_loop(c: dict) -> dict:
     from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 
-    from sparserm.align.losses import get_loss
     from sparserm.align.optimizer_state import load_optimizer_state, save_optimizer_state
+    from sparserm.align.schedule import warmup_scheduler
     from sparserm.config import ModelConfig, build
     from sparserm.model.backbone import load_causal_lm
 
@@ -156,7 +205,9 @@ def _train_loop(c: dict) -> dict:
     seqs = _tokenize(tok, pairs, c["max_tokens"], mcfg.chat_template)
     n, micro = len(seqs), t.micro_batch_size
 
-    history, ref = [], None
+    objective = c["objective"]  # resolved by the driver (an objective registered at run time arrives pickled)
+    needs_ref = objective.reference != "none"
+    history, ref, ref_forwards = [], None, 0
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -165,35 +216,28 @@ def _train_loop(c: dict) -> dict:
                 raise ValueError(f"{c['name']}: the stored run was trained on other pairs or settings; "
                                  f"use a new output directory")
             set_peft_model_state_dict(model, load_file(str(Path(d) / "adapter" / "adapter_model.safetensors")))
-            ref = load_file(str(Path(d) / "reference.safetensors"))
+            if needs_ref:
+                ref = _load_reference(Path(d) / "reference.safetensors", seqs)
             history = state["history"]
+    global_step = history[-1].get("global_step", 0) if history else 0  # optimizer steps already taken
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=0.0)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                      config=ds_config(t, world, use_bf16(t, device)))
-    if ref is None:  # through the engine: the dtype and weights the policy trains in; pairs split over workers
-        ref_w, ref_l = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(t, world, use_bf16(t, device)),
+                                      lr_scheduler=warmup_scheduler(t.warmup_steps, global_step))
+    if needs_ref and ref is None:  # through the engine: the dtype and weights the policy trains in
         engine.eval()
         as_reference = engine.module.disable_adapter() if c["reference"] == "base" else contextlib.nullcontext()
-        with torch.no_grad(), as_reference:
-            mine = list(range(rank, n, world))
-            for b in range(0, len(mine), micro):
-                idx = mine[b: b + micro]
-                w, l = _pair_logprobs(engine, seqs, idx, tok.pad_token_id, device)
-                ref_w[idx], ref_l[idx] = w.double().cpu(), l.double().cpu()
-        if world > 1:
-            both = torch.stack([ref_w, ref_l]).to(device)
-            dist.all_reduce(both)
-            ref_w, ref_l = both[0].cpu(), both[1].cpu()
-        ref = {"chosen": ref_w, "rejected": ref_l}
+        with as_reference:
+            ref, ref_forwards = REFERENCE_PASSES[objective.reference](engine, seqs, rank, world, micro,
+                                                                      tok.pad_token_id, device)
     if ckpt is not None:
         with ckpt.as_directory() as d:
             why = load_optimizer_state(engine.basic_optimizer, Path(d) / "optimizer", rank=rank, world=world,
                                        stage=t.deepspeed_stage)
         if why is not None:
             print(f"[dpo {c['name']}] rank {rank}: optimizer moments restart ({why})", flush=True)
-    loss_fn = get_loss(a.loss.name)
+    beta = objective.beta_of(a.loss)
     u_first = None  # |u| before any optimizer step of this run (0 when the reference matches the policy)
     step_pairs = t.batch_size  # pairs per optimizer step over all workers
     n_pad = math.ceil(n / step_pairs) * step_pairs
@@ -205,15 +249,17 @@ def _train_loop(c: dict) -> dict:
         engine.train()
         sums = torch.zeros(4, dtype=torch.float64)  # loss, correct, margin, count
         n_micro = math.ceil(len(shard) / micro)
+        lrs = []  # the rate of each optimizer step of this epoch
         for k, b in enumerate(range(0, len(shard), micro)):
             idx = shard[b: b + micro]
-            pi_w, pi_l = _pair_logprobs(engine, seqs, idx, tok.pad_token_id, device)
-            r_w = ref["chosen"][idx].to(device, pi_w.dtype)
-            r_l = ref["rejected"][idx].to(device, pi_l.dtype)
-            losses, u = loss_fn(pi_w, pi_l, r_w, r_l, beta=a.loss.beta)
+            policy = _pair_stats(engine, seqs, idx, tok.pad_token_id, device)
+            reference = ref.select(idx).to(device, policy.chosen.dtype) if ref is not None else None
+            losses, u = objective.loss(policy, reference, a.loss)
             if u_first is None and not history:
                 u_first = float(u.abs().max())
             engine.backward(losses.mean())
+            if engine.is_gradient_accumulation_boundary():
+                lrs.append(float(engine.get_lr()[0]))
             engine.step()
             sums += torch.tensor([losses.sum().item(), (u > 0).sum().item(), u.sum().item(), len(idx)],
                                  dtype=torch.float64)
@@ -225,10 +271,14 @@ def _train_loop(c: dict) -> dict:
             dist.all_reduce(total)
             sums = total.cpu()
         row = {"epoch": epoch, "loss": float(sums[0] / sums[3]), "reward_accuracy": float(sums[1] / sums[3]),
-               "reward_margin": float(sums[2] / sums[3] / a.loss.beta), "n_pairs": n, "base_checksum": base_sum,
-               "base_checksum_after": frozen_checksum(engine.module) if t.deepspeed_stage < 3 else None}
+               "reward_margin": float(sums[2] / sums[3] / beta), "n_pairs": n, "base_checksum": base_sum,
+               "base_checksum_after": frozen_checksum(engine.module) if t.deepspeed_stage < 3 else None,
+               "lr": lrs, "global_step": global_step + len(lrs)}
+        global_step += len(lrs)
         if epoch == 1 and u_first is not None:
             row.update(u_abs_max_before_first_step=u_first, dtype=str(next(engine.module.parameters()).dtype),
+                       objective=objective.name, reference_kind=objective.reference,
+                       reference_forwards=ref_forwards,
                        placement={"node_id": ray.get_runtime_context().get_node_id(),
                                   "gpu_ids": [str(x) for x in ray.get_gpu_ids()], "device": str(device)})
         history.append(row)
@@ -240,7 +290,8 @@ def _train_loop(c: dict) -> dict:
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
             if rank == 0:
                 engine.module.save_pretrained(str(tmp_p / "adapter"), state_dict=adapter)
-                save_file({k: v.contiguous() for k, v in ref.items()}, str(tmp_p / "reference.safetensors"))
+                if ref is not None:
+                    save_file(ref.as_dict(), str(tmp_p / "reference.safetensors"))
                 (tmp_p / "state.json").write_text(json.dumps({"epoch": epoch, "history": history,
                                                               "fingerprint": c["fingerprint"]}, indent=1))
                 if c["progress"]:
@@ -259,12 +310,11 @@ def train_dpo(cfg: Config, pairs: list[dict], *, storage_dir: Path, name: str, i
     import ray
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from sparserm.align.losses import get_loss
     from sparserm.reward.train_head import ensure_ray, fit_polling
 
     a = cfg.align
     t = a.train
-    get_loss(a.loss.name)
+    objective = get_objective(a.loss.name)
     if not pairs:
         raise ValueError(f"{name}: no pairs to train on")
     ensure_ray(cfg.run.ray_address)
@@ -276,6 +326,7 @@ def train_dpo(cfg: Config, pairs: list[dict], *, storage_dir: Path, name: str, i
                          f"resume it unchanged, or use a new output directory")
     use_gpu = t.num_gpus > 0
     c = {"align": to_dict(a), "model": to_dict(cfg.model), "cache_dir": cfg.run.cache_dir,
+         "objective": objective,  # the object, not its name: one registered at run time reaches the workers
          "pairs_ref": ray.put([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs]),
          "init_adapter": init_adapter, "reference": a.reference, "seed": cfg.run.seed, "epochs": t.epochs,
          "name": name, "max_tokens": max_tokens, "fingerprint": fingerprint, "stop_after_epoch": stop_after_epoch,

@@ -2,7 +2,7 @@
 `align` trains for itself reused only when its manifest matches the config."""
 import pytest
 
-from sparserm.config import load_config
+from sparserm.config import load_config, replace
 from sparserm.manifest import StaleArtifactError, check_key, folder_hash, key_diff, write_manifest
 
 
@@ -57,6 +57,16 @@ def test_dpo_key_follows_training_not_placement(tiny_model_dir):
                                  *(["align.train.batch_size=8"] if "workers" in other else [])])
         assert dpo_key(cfg, pairs, None) != key, other
     assert dpo_key(base, pairs + pairs, None) != key
+    # the keys of runs made before objectives and warm-up existed still match: DPO's loss key is its name and
+    # beta, and warmup_steps enters only when it is set
+    assert key["loss"] == {"name": "dpo", "beta": 0.1} and "warmup_steps" not in key["train"]
+    assert dpo_key(load_config(None, [f"model.name={tiny_model_dir}", "align.loss.simpo_gamma=2"]), pairs, None) == key
+    assert dpo_key(load_config(None, [f"model.name={tiny_model_dir}", "align.train.warmup_steps=5"]), pairs,
+                   None)["train"]["warmup_steps"] == 5
+    simpo = load_config(None, [f"model.name={tiny_model_dir}", "align.loss.name=simpo"])
+    assert dpo_key(simpo, pairs, None)["loss"] == {"name": "simpo", "beta": 2.0, "simpo_gamma": 0.5}
+    assert dpo_key(replace(simpo, align=replace(simpo.align, loss=replace(simpo.align.loss, simpo_gamma=1.0))),
+                   pairs, None) != dpo_key(simpo, pairs, None)
 
 
 def test_tensor_parallel_ranks_take_whole_gpus():

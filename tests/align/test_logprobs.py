@@ -25,8 +25,9 @@ def test_batched_logprobs_equal_direct_computation(lm):
     assert batch.input_ids.shape == (3, 8) and batch.n_response == 4
     assert batch.response_mask.sum(1).tolist() == [2, 4, 1]
     with torch.no_grad():
-        lp = response_logprobs(lm, batch)
-        avg = response_logprobs(lm, batch, average=True)
+        lp, counts = response_logprobs(lm, batch)
+        avg, counts_avg = response_logprobs(lm, batch, average=True)
+    assert counts.tolist() == counts_avg.tolist() == [2.0, 4.0, 1.0]  # the response tokens of each row
     expected = [direct(lm, p, r) for p, r in rows]
     assert lp.tolist() == pytest.approx(expected, abs=1e-4)
     assert avg.tolist() == pytest.approx([e / len(r) for e, (_, r) in zip(expected, rows)], abs=1e-4)

@@ -1,5 +1,7 @@
-"""DPO with LoRA under DeepSpeed on Ray Train (CPU, gloo): what changes, what does not, and resume
-(a stopped and resumed run ends where an unbroken one does)."""
+"""Preference training with LoRA under DeepSpeed on Ray Train (CPU, gloo): what changes, what does not, resume
+(a stopped and resumed run ends where an unbroken one does, its warm-up included), and objectives: SimPO
+without a reference pass, and one registered inside a test, with no change to the trainer."""
+import math
 import json
 from pathlib import Path
 
@@ -10,7 +12,7 @@ from safetensors.torch import load_file
 
 @pytest.fixture(scope="module")
 def cfg(tiny_align_config):
-    return tiny_align_config("align.train.epochs=3", "align.train.lr=5e-3")
+    return tiny_align_config("align.train.epochs=3", "align.train.lr=5e-3", "align.train.warmup_steps=3")
 
 
 def test_adapter_changes_base_does_not_and_resume_continues(cfg, ray_session, tmp_path, tiny_model_dir, dpo_pairs):
@@ -31,6 +33,11 @@ def test_adapter_changes_base_does_not_and_resume_continues(cfg, ray_session, tm
     assert resumed["finished"] and [h["epoch"] for h in hist] == [1, 2, 3]
     assert hist[0] == first["history"][0]  # epoch 1 was not redone
     assert hist[-1]["loss"] < hist[0]["loss"] and hist[-1]["reward_accuracy"] >= 0.5
+    # 6 pairs, 4 a step: 2 optimizer steps an epoch; step k (over the run) at 5e-3 * min(1, (k + 1) / 3), the
+    # resumed epochs 2-3 continuing at global step 2 (a schedule restarted at 0 would run epoch 2 at 5e-3/3, 2/3)
+    lr = [5e-3 * min(1.0, (k + 1) / 3) for k in range(6)]
+    assert [h["lr"] for h in hist] == [pytest.approx(lr[0:2]), pytest.approx(lr[2:4]), pytest.approx(lr[4:6])]
+    assert [h["global_step"] for h in hist] == [2, 4, 6]
 
     from transformers import AutoModelForCausalLM
 
@@ -50,6 +57,7 @@ def test_adapter_changes_base_does_not_and_resume_continues(cfg, ray_session, tm
     # carried over (restarting them moves the adapter well beyond this tolerance)
     unbroken = train_dpo(cfg, PAIRS, storage_dir=tmp_path, name="unbroken", progress=False)
     assert [h["loss"] for h in unbroken["history"]] == pytest.approx([h["loss"] for h in hist], rel=1e-5)
+    assert [h["lr"] for h in unbroken["history"]] == [h["lr"] for h in hist]
     adapter_u = load_file(str(Path(unbroken["adapter"]) / "adapter_model.safetensors"))
     for k in adapter_u:
         torch.testing.assert_close(adapter3[k], adapter_u[k], rtol=1e-5, atol=1e-7)
@@ -122,3 +130,65 @@ def test_fingerprint_covers_training_only(tiny_align_config, ray_session, tmp_pa
     with pytest.raises(ValueError, match="other pairs or settings"):
         train_dpo(tiny_align_config("align.train.epochs=2", "align.train.lr=1e-3"), dpo_pairs[:4],
                   storage_dir=tmp_path, name="fp", progress=False)
+
+
+def test_an_objective_registered_in_a_test_trains_with_no_change_to_the_trainer(tiny_align_config, ray_session,
+                                                                               tmp_path, dpo_pairs):
+    """IPO (Azar et al. 2023), defined here: loss = (h - 1/(2 tau))^2, h the log-ratio margin, tau = beta. The
+    class is local, so it reaches the Ray Train worker pickled by value, with nothing in the package."""
+    from sparserm.align.objectives import OBJECTIVES, Objective, register
+    from sparserm.align.trainer import train_dpo
+
+    class IPO(Objective):
+        name, reference, beta = "ipo_test", "sequence", 0.5
+
+        def loss(self, policy, reference, cfg):
+            h = (policy.chosen - reference.chosen) - (policy.rejected - reference.rejected)
+            return (h - 1 / (2 * self.beta_of(cfg))) ** 2, h.detach()
+
+    register(IPO)
+    try:
+        cfg = tiny_align_config("align.loss.name=ipo_test", "align.train.epochs=2", "align.train.lr=1e-3")
+        res = train_dpo(cfg, dpo_pairs[:4], storage_dir=tmp_path, name="ipo", progress=False)
+    finally:
+        OBJECTIVES.pop("ipo_test")
+    h1, h2 = res["history"]
+    # 4 pairs, 4 a step: epoch 1's two micro-batches both run before its one optimizer step, where the policy is
+    # the reference (previous = the fresh adapter, LoRA B = 0): h = 0, loss = (0 - 1/(2 x 0.5))^2 = 1
+    assert h1["objective"] == "ipo_test" and h1["reference_kind"] == "sequence" and h1["reference_forwards"] == 2
+    assert h1["loss"] == pytest.approx(1.0, abs=1e-4) and h1["u_abs_max_before_first_step"] < 1e-4
+    assert h1["reward_margin"] == pytest.approx(0.0, abs=1e-4)  # mean h / beta
+    # d loss / dh = 2 (h - 1) < 0 at h = 0: the step raised h (logged as reward_margin = mean h / beta)
+    assert h2["reward_margin"] > 0 and h2["reward_accuracy"] > 0.5
+    assert h2["loss"] < h1["loss"]  # (at lr 5e-3 one Adam step overshoots h = 1 on this squared loss; 1e-3 not)
+    ref = load_file(str(Path(res["adapter"]).parent / "reference.safetensors"))
+    assert sorted(ref) == ["chosen", "chosen_tokens", "rejected", "rejected_tokens"] and ref["chosen"].shape == (4,)
+
+
+def test_simpo_trains_without_a_reference_pass(tiny_align_config, ray_session, tmp_path, dpo_pairs):
+    from sparserm.align.trainer import _pair_stats, _tokenize, train_dpo
+    from sparserm.model.backbone import load_causal_lm
+
+    cfg = tiny_align_config("align.loss.name=simpo", "align.train.epochs=2", "align.train.lr=5e-3")
+    pairs = dpo_pairs[:4]
+    first = train_dpo(cfg, pairs, storage_dir=tmp_path, name="simpo", stop_after_epoch=1, progress=False)
+    h1 = first["history"][0]
+    assert h1["objective"] == "simpo" and h1["reference_kind"] == "none" and h1["reference_forwards"] == 0
+    assert not (Path(first["adapter"]).parent / "reference.safetensors").exists()  # nothing computed, nothing stored
+
+    # epoch 1 is all before its one optimizer step, where the policy is the base model (LoRA B = 0): its loss
+    # is the mean of -log sigma(2 (a_w - a_l) - 0.5) under the base, a = summed log-prob / response tokens
+    model, tok = load_causal_lm(cfg.model, cfg.run.cache_dir, torch.device("cpu"))
+    a = cfg.align.generate
+    seqs = _tokenize(tok, pairs, a.max_prompt_tokens + a.max_new_tokens, cfg.model.chat_template)
+    with torch.no_grad():
+        base = _pair_stats(model.eval(), seqs, list(range(4)), tok.pad_token_id, "cpu")
+    assert base.chosen_tokens.tolist() == [float(len(w[1])) for w, _ in seqs]
+    expected = [math.log1p(math.exp(-(2.0 * (cw / nw - cl / nl) - 0.5)))
+                for cw, cl, nw, nl in zip(*(t.tolist() for t in base.as_tuple()))]
+    assert h1["loss"] == pytest.approx(sum(expected) / 4, abs=1e-4)
+
+    resumed = train_dpo(cfg, pairs, storage_dir=tmp_path, name="simpo", progress=False)
+    assert resumed["finished"] and resumed["history"][0] == h1
+    assert not (Path(resumed["adapter"]).parent / "reference.safetensors").exists()
+    assert resumed["history"][1]["loss"] < h1["loss"]
