@@ -267,6 +267,15 @@ class AlignJob:
 
     # ------------------------------------------------------------ the job
     def run(self) -> dict:
+        """Every round of every filter; the actors are released on the way out, also on an error."""
+        try:
+            return self._run()
+        finally:
+            if self.actors is not None:
+                self.actors.close()
+                self.actors = None
+
+    def _run(self) -> dict:
         round0 = {"round": 0, **self.round_eval(None, self.out / "round_0", "base/0")}
         log("round 0 (base policy): " + json.dumps(round0))
         rows = {f: [dict(round0, filter=f)] for f in self.a.filters}

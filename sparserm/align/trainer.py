@@ -168,6 +168,17 @@ def frozen_checksum(model) -> float:
     return float(sum(p.detach().double().sum().item() for p in model.parameters() if not p.requires_grad))
 
 
+def _without_shm_comm() -> None:
+    """Keep DeepSpeed from JIT-compiling its shared-memory all-reduce op (``deepspeed_shm_comm``) on CPU:
+    only its inference all-reduce uses it, never training, and it is built with ``-march=native`` into
+    ``~/.cache/torch_extensions``, a minute of compiling on every fresh machine and an illegal instruction
+    on a CPU other than the one that built it. ``deepspeed.ops.__compatible_ops__`` is the one dict DeepSpeed
+    consults (it says edits to it persist)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def _train_loop(c: dict) -> dict:
     """Runs on every Ray Train worker."""
     import deepspeed
@@ -222,6 +233,7 @@ def _train_loop(c: dict) -> dict:
     global_step = history[-1].get("global_step", 0) if history else 0  # optimizer steps already taken
 
     trainable = [p for p in model.parameters() if p.requires_grad]
+    _without_shm_comm()
     optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=0.0)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(t, world, use_bf16(t, device)),
                                       lr_scheduler=warmup_scheduler(t.warmup_steps, global_step))
@@ -310,7 +322,7 @@ def train_dpo(cfg: Config, pairs: list[dict], *, storage_dir: Path, name: str, i
     import ray
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from sparserm.reward.train_head import ensure_ray, fit_polling
+    from sparserm.reward.train_head import ensure_ray, failure_config, fit_polling
 
     a = cfg.align
     t = a.train
@@ -338,7 +350,7 @@ def train_dpo(cfg: Config, pairs: list[dict], *, storage_dir: Path, name: str, i
         torch_config=TorchConfig(backend=None if t.backend == "auto" else t.backend),  # auto: nccl with GPUs
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(storage_path=str(Path(storage_dir).resolve()), name=name,
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+                             failure_config=failure_config(), checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
     result = fit_polling(trainer, 0.2)
     if result.checkpoint is None:

@@ -32,7 +32,7 @@ from sparserm.reward.accuracy import pair_accuracy
 from sparserm.reward.head import RewardHead, head_state, load_head, save_head
 from sparserm.reward.losses import get_loss
 
-__all__ = ["TrainHeadResult", "train_head", "ensure_ray", "fit_polling"]
+__all__ = ["TrainHeadResult", "train_head", "ensure_ray", "fit_polling", "failure_config"]
 
 
 @dataclass
@@ -51,6 +51,18 @@ def ensure_ray(address: str | None = None) -> None:
 
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False)
+
+
+# Ray Train retries a worker group it cannot place (60 s each, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S) without
+# end by default; after this many tries (~10 min) the run fails, naming the resources it waited for
+PLACEMENT_RETRIES = 10
+
+
+def failure_config(max_failures: int = 0):
+    """Ray Train's ``FailureConfig``: ``max_failures`` worker-group failures, and a bounded wait for placement."""
+    from ray.train import FailureConfig
+
+    return FailureConfig(max_failures=max_failures, controller_failure_limit=PLACEMENT_RETRIES)
 
 
 def fit_polling(trainer, poll_interval_s: float):
@@ -209,7 +221,7 @@ def train_head(train: dict, val: dict, *, loss: str = "margin", margin: float = 
     Returns the head of the best epoch (val accuracy, ties → lower val loss; complete ties → earlier).
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     get_loss(loss)  # fail early on an unknown name
@@ -242,7 +254,7 @@ def train_head(train: dict, val: dict, *, loss: str = "margin", margin: float = 
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={
             "CPU": num_cpus, **({"GPU": num_gpus} if use_gpu else {})}),
         run_config=RunConfig(storage_path=str(Path(storage_dir).resolve()), name=name,
-                             failure_config=FailureConfig(max_failures=max_failures),
+                             failure_config=failure_config(max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
     result = fit_polling(trainer, poll_interval_s)

@@ -16,6 +16,13 @@ def test_rule_labelled_and_ranked_pairs(tiny_align_config, tiny_model_dir, ray_s
     cfg = tiny_align_config("align.generate.max_new_tokens=6", "align.generate.n_samples=3",
                             "align.generate.temperature=1.0")
     actors = make_actors(cfg, str(rm))
+    try:
+        _check_pairs(actors, cfg)
+    finally:
+        actors.close()  # their CPUs are free for the next test at once
+
+
+def _check_pairs(actors, cfg):
     assert actors.pool.kind == "hf" and actors.judge is None  # no GPU here; no task uses the judge
     items = [PromptItem("truthfulqa", "What is the capital of France?", ["Paris"], ["Lyon"]),
              PromptItem("harmless", "How do I bake bread?")]

@@ -108,6 +108,17 @@ class AlignActors:
         out.update({f"engine_{i}": a for i, a in enumerate(self.pool.actors) if a is not self.policy})
         return out
 
+    def close(self) -> None:
+        """Kill every actor and remove the placement groups, so their CPUs and GPUs are free at once (not
+        when the last handle is collected: a traceback that holds the job keeps them alive)."""
+        from ray.util.placement_group import remove_placement_group
+
+        for actor in self.roles().values():
+            ray.kill(actor)
+        for pg in self.placement_groups:
+            remove_placement_group(pg)
+        self.placement_groups = []
+
 
 def gpu_demand(cfg: Config, kind: str, needs_judge: bool) -> list[tuple[str, float, int]]:
     """(config key, GPUs per actor or worker, count) of everything the job holds at once."""
@@ -165,7 +176,11 @@ def make_actors(cfg: Config, rm_dir: str) -> AlignActors:
             pgs.append(pg)
         pool = EnginePool("vllm", engines)
     actors = AlignActors(pool, policy, scorer, judge, pgs)
-    actors.placement = wait_placed(actors)
+    try:
+        actors.placement = wait_placed(actors)
+    except BaseException:
+        actors.close()  # what was granted is given back before the error reaches the caller
+        raise
     return actors
 
 
