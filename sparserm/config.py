@@ -196,9 +196,26 @@ class GenerateConfig:
 class LossConfig:
     """The preference objective (sparserm.align.objectives); a field an objective does not read is ignored by it."""
 
-    name: str = "dpo"  # an entry of sparserm.align.objectives.OBJECTIVES: dpo | simpo
-    beta: float | None = None  # None: the objective's own default (dpo 0.1, simpo 2.0)
+    name: str = "dpo"  # an entry of sparserm.align.objectives.OBJECTIVES: dpo | simpo | tdpo2 | fpo
+    beta: float | None = None  # None: the objective's own default (dpo, tdpo2, fpo 0.1; simpo 2.0)
     simpo_gamma: float = 0.5  # SimPO's target reward margin (SimPO paper's default with beta 2.0)
+    alpha: float = 0.5  # weight of TDPO-2's sequential KL and of FPO's feature MSE (both papers: 0.5)
+    fpo_k: PositiveInt = 50  # FPO: the top-k latents of the pooled activation entering the MSE (paper: 50)
+    fpo_index_set: Literal["union", "policy"] = "union"  # topk(policy) | topk(reference) (paper), or policy's (code)
+    # FPO: {latent id: weight}; listed latents always enter the MSE with their weight (others weigh 1)
+    fpo_latent_weights: dict[NonNegativeInt, NonNegativeFloat] = field(default_factory=dict)
+    fpo_sae_dir: str | None = None  # FPO: a sae-lens SAE folder (e.g. what `sparserm sae` trained)
+    fpo_layer: NonNegativeInt | None = None  # FPO: block whose output the SAE reads; None: the SAE's own record
+
+
+@dataclass(frozen=True)
+class ReferenceCacheConfig:
+    """The offline reference pass (``sparserm.fpo.reference_cache``): Ray Data actors of the reference model."""
+
+    num_actors: PositiveInt = 1
+    num_cpus: NonNegativeFloat = 1.0  # per actor
+    num_gpus: NonNegativeFloat = 0.0  # per actor
+    batch_size: PositiveInt = 8  # pairs per forward
 
 
 @dataclass(frozen=True)
@@ -242,6 +259,7 @@ class AlignConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    reference_cache: ReferenceCacheConfig = field(default_factory=ReferenceCacheConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     policy: ActorSpec = field(default_factory=ActorSpec)  # the transformers policy (evaluation; generation on CPU)
     scorer: ActorSpec = field(default_factory=ActorSpec)  # the SparseRM scorer

@@ -4,6 +4,7 @@
 * ``build_tiny_rm(out_dir, model_dir=None)``: a SparseRM folder over such a backbone (built here unless
   ``model_dir`` is given): random directions ``torch.randn(2K, d)`` and an untrained :class:`RewardHead`
   whose standardisation is fit on random data.
+* ``build_tiny_sae(out_dir, d_in)``: a random sae-lens ReLU SAE folder (for FPO's feature constraint).
 """
 from __future__ import annotations
 
@@ -74,3 +75,26 @@ def build_tiny_rm(out_dir: str | Path, model_dir: str | Path | None = None, *, l
     return save_rm(out_dir, model_cfg=cfg, head=head.eval(), dirs=dirs, pos_ids=list(range(top_k)),
                    neg_ids=list(range(top_k, 2 * top_k)), mu_w=mu_w.numpy(), mu_l=mu_l.numpy(),
                    sae_info={"source": "random", "width": m}, extra={"name": "tiny-random-rm"})
+
+
+def build_tiny_sae(out_dir: str | Path, d_in: int = 64, width: int = 128, layer: int = 2, seed: int = 0) -> Path:
+    """A sae-lens StandardSAE (ReLU) with random weights, saved as a folder ``SparseAutoencoder.load`` reads.
+    """
+    import json
+
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    from sparserm.sae.autoencoder import META_FILE
+
+    g = torch.Generator().manual_seed(seed)
+    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=width))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(d_in, width, generator=g) / d_in ** 0.5)
+        sae.W_dec.copy_(torch.randn(width, d_in, generator=g) / d_in ** 0.5)
+        sae.b_enc.zero_()  # about half the latents fire on a token of the tiny random model
+        sae.b_dec.zero_()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sae.save_model(out_dir)
+    (out_dir / META_FILE).write_text(json.dumps({"source": "random", "layer": layer, "width": width}))
+    return out_dir

@@ -95,7 +95,7 @@ def test_shipped_configs_load(name):
     ("reward.top_k=2049", r"reward\.top_k=2049 is invalid: expected <= 2048: 2 x top_k disjoint latents of "
                           r"sae\.width=4096"),
     # the preference objective: a registered name, a positive beta (or unset: the objective's own)
-    ("align.loss.name=ipo", r"align\.loss\.name='ipo' is invalid: expected dpo\|simpo"),
+    ("align.loss.name=ipo", r"align\.loss\.name='ipo' is invalid: expected dpo\|fpo\|simpo\|tdpo2"),
     ("align.loss.beta=0", r"align\.loss\.beta=0\.0 is invalid: expected > 0, or unset"),
     ("align.train.warmup_steps=-1", r"align\.train\.warmup_steps=-1 \(int\) is invalid"),
 ])

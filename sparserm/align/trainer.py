@@ -7,14 +7,15 @@ with an AdamW over the adapter's parameters, and the warm-up schedule of ``spars
 CUDA, fp32 on CPU unless ``align.train.precision`` says otherwise).
 
 The loop never names an objective: it asks the objective what it needs from the reference model
-(``reference``), computes that once per round (``REFERENCE_PASSES``; nothing at all for ``"none"``), computes
-the policy's :class:`PairStats` (summed log-probs and token counts of chosen and rejected, one forward per
-micro-batch) and calls ``objective.loss``. The reference is the same model (no second copy): with the adapter
-disabled (``align.reference: base``) or as the round starts (``previous``: the previous round's policy). Its
-stats are computed through the DeepSpeed engine itself, after ``initialize``, so reference and policy run in
-the same dtype on the same weights and DPO's u = 0 before the first step (recorded as
-``u_abs_max_before_first_step``, with ``reference_kind`` and ``reference_forwards``, the reference
-micro-batches this run computed); pairs are split over workers, then all-reduced, and stored in the
+(``reference``: none | sequence | token | features, built by ``sparserm.align.references.REFERENCE_SOURCES``
+after ``deepspeed.initialize``, so reference and policy share dtype and weights) and from the policy forward
+(``policy_needs``: per-token distributions, pooled SAE features; ``sparserm.align.pair_forward``), runs one
+policy forward per micro-batch and calls ``objective.loss``. A ``"features"`` reference comes from the offline
+reference cache, which the driver builds (or finds, keyed) with one Ray Data pass before training, so no
+reference model exists on the workers. The first epoch's row records ``u_abs_max_before_first_step``,
+``reference_kind``, ``reference_forwards`` (before training), ``reference_forwards_in_steps``,
+``reference_copy`` (a second frozen model) and ``model_forwards_in_steps`` against ``policy_micro_batches``
+(equal when no adapter-disabled reference forward ran during the steps). Sequence stats are stored in the
 checkpoint. Every epoch rank 0 writes:
 
     adapter/                  peft adapter (adapter_model.safetensors + adapter_config.json)
@@ -41,11 +42,12 @@ from pathlib import Path
 import torch
 
 from sparserm.align.objectives import PairStats, get_objective
+from sparserm.align.pair_forward import pair_forward, tokenize_pairs, unwrap_causal_lm
 from sparserm.config import AlignConfig, Config, TrainConfig, to_dict
 
 from sparserm.manifest import model_key, stable_hash
 
-__all__ = ["train_dpo", "ds_config", "adapter_hash", "dpo_key", "REFERENCE_PASSES"]
+__all__ = ["train_dpo", "ds_config", "adapter_hash", "dpo_key"]
 
 
 def use_bf16(t: TrainConfig, device) -> bool:
@@ -64,63 +66,6 @@ def ds_config(t: TrainConfig, world: int, bf16: bool) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-
-
-def _tokenize(tok, pairs: list[dict], max_tokens: int, chat_template: bool) -> list[tuple]:
-    """Per pair: ((prompt, chosen + eos), (prompt, rejected + eos)) token ids."""
-    from sparserm.align.logprobs import groups_to_sequences
-    from sparserm.model.text import encode_group
-
-    out = []
-    for p in pairs:
-        group = encode_group(tok, p["prompt"], [p["chosen"], p["rejected"]], max_tokens - 1, chat_template)
-        w, l = groups_to_sequences([group], tok.eos_token_id)
-        out.append((w, l))
-    return out
-
-
-def _pair_stats(model, seqs: list[tuple], idx: list[int], pad_id: int, device) -> PairStats:
-    """Summed log-probs and token counts of the pairs ``idx``: chosen and rejected in one forward."""
-    from sparserm.align.logprobs import encode_batch, response_logprobs
-
-    batch = encode_batch([seqs[i][0] for i in idx] + [seqs[i][1] for i in idx], pad_id).to(device)
-    lp, count = response_logprobs(model, batch)
-    b = len(idx)
-    return PairStats(lp[:b], lp[b:], count[:b], count[b:])
-
-
-def _sequence_reference(engine, seqs: list[tuple], rank: int, world: int, micro: int, pad_id: int,
-                        device) -> tuple[PairStats, int]:
-    """Reference ``"sequence"`` stats of every pair (float64, on CPU), the pairs split over the workers and
-    all-reduced, and the number of forwards this rank ran. The caller sets the reference up (adapter off or on)."""
-    import torch.distributed as dist
-
-    n = len(seqs)
-    out = torch.zeros(4, n, dtype=torch.float64)  # chosen, rejected, chosen_tokens, rejected_tokens
-    mine, forwards = list(range(rank, n, world)), 0
-    with torch.no_grad():
-        for b in range(0, len(mine), micro):
-            idx = mine[b: b + micro]
-            out[:, idx] = torch.stack(_pair_stats(engine, seqs, idx, pad_id, device).as_tuple()).double().cpu()
-            forwards += 1
-    if world > 1:
-        both = out.to(device)
-        dist.all_reduce(both)
-        out = both.cpu()
-    return PairStats(*out), forwards
-
-
-# how each kind of reference an objective declares is computed (objectives.REFERENCE_KINDS; "none": nothing)
-REFERENCE_PASSES = {"sequence": _sequence_reference}
-
-
-def _load_reference(path: Path, seqs: list[tuple]) -> PairStats:
-    from safetensors.torch import load_file
-
-    d = load_file(str(path))
-    for side, j in (("chosen", 0), ("rejected", 1)):  # checkpoints of before the counts were stored
-        d.setdefault(f"{side}_tokens", torch.tensor([float(len(s[j][1])) for s in seqs], dtype=torch.float64))
-    return PairStats.from_dict(d)
 
 
 def _adapter_state(model, stage: int) -> dict[str, torch.Tensor]:
@@ -160,7 +105,18 @@ def dpo_key(cfg: Config, pairs: list[dict], init_adapter: str | None) -> dict:
                       if k not in PLACEMENT_FIELDS and not (k in UNSET_WHEN and v == UNSET_WHEN[k])},
             "loss": get_objective(a.loss.name).key(a.loss), "reference": a.reference, "model": model_key(cfg.model),
             "init": adapter_hash(init_adapter), "seed": cfg.run.seed,
-            "max_tokens": a.generate.max_prompt_tokens + a.generate.max_new_tokens}
+            "max_tokens": a.generate.max_prompt_tokens + a.generate.max_new_tokens, **_features_key(a.loss)}
+
+
+def _features_key(loss_cfg) -> dict:
+    """The SAE and layer of a feature-level objective (absent for the others, so their keys stay as they were)."""
+    from sparserm.align.references import feature_source, uses_features
+    from sparserm.manifest import folder_hash
+
+    if not uses_features(get_objective(loss_cfg.name)):
+        return {}
+    sae_dir, layer = feature_source(loss_cfg)
+    return {"features": {"sae": folder_hash(sae_dir), "layer": layer}}
 
 
 def frozen_checksum(model) -> float:
@@ -190,6 +146,7 @@ def _train_loop(c: dict) -> dict:
     from safetensors.torch import load_file, save_file
 
     from sparserm.align.optimizer_state import load_optimizer_state, save_optimizer_state
+    from sparserm.align.references import REFERENCE_SOURCES, ReferenceContext
     from sparserm.align.schedule import warmup_scheduler
     from sparserm.config import ModelConfig, build
     from sparserm.model.backbone import load_causal_lm
@@ -213,12 +170,18 @@ def _train_loop(c: dict) -> dict:
                                                  target_modules=list(t.lora.target_modules), task_type="CAUSAL_LM"))
     base_sum = frozen_checksum(model)
     pairs = ray.get(c["pairs_ref"])
-    seqs = _tokenize(tok, pairs, c["max_tokens"], mcfg.chat_template)
+    seqs = tokenize_pairs(tok, pairs, c["max_tokens"], mcfg.chat_template)
     n, micro = len(seqs), t.micro_batch_size
 
     objective = c["objective"]  # resolved by the driver (an objective registered at run time arrives pickled)
-    needs_ref = objective.reference != "none"
-    history, ref, ref_forwards = [], None, 0
+    sae = None
+    if "features" in objective.policy_needs:  # frozen: the constraint's gradient reaches the model only
+        from sparserm.sae.autoencoder import SparseAutoencoder
+
+        sae = SparseAutoencoder.load(c["features"]["sae_dir"], device)
+        for p in sae.sae.parameters():
+            p.requires_grad_(False)
+    history, stored_ref = [], None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -227,9 +190,9 @@ def _train_loop(c: dict) -> dict:
                 raise ValueError(f"{c['name']}: the stored run was trained on other pairs or settings; "
                                  f"use a new output directory")
             set_peft_model_state_dict(model, load_file(str(Path(d) / "adapter" / "adapter_model.safetensors")))
-            if needs_ref:
-                ref = _load_reference(Path(d) / "reference.safetensors", seqs)
             history = state["history"]
+            if (Path(d) / "reference.safetensors").is_file():  # the reference stats stored with it
+                stored_ref = load_file(str(Path(d) / "reference.safetensors"))
     global_step = history[-1].get("global_step", 0) if history else 0  # optimizer steps already taken
 
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -237,12 +200,10 @@ def _train_loop(c: dict) -> dict:
     optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=0.0)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(t, world, use_bf16(t, device)),
                                       lr_scheduler=warmup_scheduler(t.warmup_steps, global_step))
-    if needs_ref and ref is None:  # through the engine: the dtype and weights the policy trains in
-        engine.eval()
-        as_reference = engine.module.disable_adapter() if c["reference"] == "base" else contextlib.nullcontext()
-        with as_reference:
-            ref, ref_forwards = REFERENCE_PASSES[objective.reference](engine, seqs, rank, world, micro,
-                                                                      tok.pad_token_id, device)
+    # the reference, by the kind the objective declares (after initialize: the dtype and weights it trains in)
+    ref = REFERENCE_SOURCES[objective.reference](ReferenceContext(
+        engine, seqs, rank, world, micro, tok.pad_token_id, device, c["reference"], c["init_adapter"], c["model"],
+        c["cache_dir"], stored_ref, c["features"].get("cache"), c["features"].get("cache_key")))
     if ckpt is not None:
         with ckpt.as_directory() as d:
             why = load_optimizer_state(engine.basic_optimizer, Path(d) / "optimizer", rank=rank, world=world,
@@ -251,6 +212,9 @@ def _train_loop(c: dict) -> dict:
             print(f"[dpo {c['name']}] rank {rank}: optimizer moments restart ({why})", flush=True)
     beta = objective.beta_of(a.loss)
     u_first = None  # |u| before any optimizer step of this run (0 when the reference matches the policy)
+    calls = [0]  # forwards of the trained model's weights during the steps (policy and any adapter-off reference)
+    unwrap_causal_lm(engine).register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    micro_batches = 0
     step_pairs = t.batch_size  # pairs per optimizer step over all workers
     n_pad = math.ceil(n / step_pairs) * step_pairs
     for epoch in range(len(history) + 1, c["epochs"] + 1):
@@ -264,9 +228,10 @@ def _train_loop(c: dict) -> dict:
         lrs = []  # the rate of each optimizer step of this epoch
         for k, b in enumerate(range(0, len(shard), micro)):
             idx = shard[b: b + micro]
-            policy = _pair_stats(engine, seqs, idx, tok.pad_token_id, device)
-            reference = ref.select(idx).to(device, policy.chosen.dtype) if ref is not None else None
-            losses, u = objective.loss(policy, reference, a.loss)
+            policy = pair_forward(engine, seqs, idx, tok.pad_token_id, device, objective.policy_needs, sae,
+                                  c["features"].get("layer"))
+            losses, u = objective.loss(policy, ref.for_batch(idx, policy.stats.chosen.dtype), a.loss)
+            micro_batches += 1
             if u_first is None and not history:
                 u_first = float(u.abs().max())
             engine.backward(losses.mean())
@@ -290,7 +255,9 @@ def _train_loop(c: dict) -> dict:
         if epoch == 1 and u_first is not None:
             row.update(u_abs_max_before_first_step=u_first, dtype=str(next(engine.module.parameters()).dtype),
                        objective=objective.name, reference_kind=objective.reference,
-                       reference_forwards=ref_forwards,
+                       reference_forwards=ref.forwards, reference_forwards_in_steps=ref.forwards_in_steps,
+                       reference_copy=getattr(ref, "copy", None) is not None,
+                       model_forwards_in_steps=calls[0], policy_micro_batches=micro_batches,
                        placement={"node_id": ray.get_runtime_context().get_node_id(),
                                   "gpu_ids": [str(x) for x in ray.get_gpu_ids()], "device": str(device)})
         history.append(row)
@@ -302,8 +269,8 @@ def _train_loop(c: dict) -> dict:
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
             if rank == 0:
                 engine.module.save_pretrained(str(tmp_p / "adapter"), state_dict=adapter)
-                if ref is not None:
-                    save_file(ref.as_dict(), str(tmp_p / "reference.safetensors"))
+                if ref.to_save() is not None:
+                    save_file(ref.to_save(), str(tmp_p / "reference.safetensors"))
                 (tmp_p / "state.json").write_text(json.dumps({"epoch": epoch, "history": history,
                                                               "fingerprint": c["fingerprint"]}, indent=1))
                 if c["progress"]:
@@ -312,6 +279,27 @@ def _train_loop(c: dict) -> dict:
         if c["stop_after_epoch"] is not None and epoch >= c["stop_after_epoch"]:
             break
     return {"history": history}
+
+
+def _features(cfg: Config, objective, pairs: list[dict], run_dir: Path, init_adapter: str | None,
+              progress: bool) -> dict:
+    """SAE and layer for a feature-level objective; for reference ``features``, the offline reference cache of
+    these pairs under this round's reference (``align.reference``), built here (one Ray Data pass) unless a
+    matching one is in ``<run>/reference_cache``."""
+    from sparserm.align.references import feature_source, uses_features
+
+    if not uses_features(objective):
+        return {}
+    sae_dir, layer = feature_source(cfg.align.loss)
+    out = {"sae_dir": sae_dir, "layer": layer}
+    if objective.reference == "features":
+        from sparserm.fpo.reference_cache import build_reference_cache, cache_key
+
+        adapter = init_adapter if cfg.align.reference == "previous" else None
+        out["cache"] = str(build_reference_cache(cfg, pairs, run_dir / "reference_cache", adapter=adapter,
+                                                 sae_dir=sae_dir, layer=layer, progress=progress))
+        out["cache_key"] = cache_key(cfg, pairs, adapter, sae_dir, layer)
+    return out
 
 
 def train_dpo(cfg: Config, pairs: list[dict], *, storage_dir: Path, name: str, init_adapter: str | None = None,
@@ -337,7 +325,8 @@ def train_dpo(cfg: Config, pairs: list[dict], *, storage_dir: Path, name: str, i
         raise ValueError(f"{Path(storage_dir, name)} holds a DPO run on other pairs or settings; "
                          f"resume it unchanged, or use a new output directory")
     use_gpu = t.num_gpus > 0
-    c = {"align": to_dict(a), "model": to_dict(cfg.model), "cache_dir": cfg.run.cache_dir,
+    features = _features(cfg, objective, pairs, Path(storage_dir, name), init_adapter, progress)
+    c = {"features": features, "align": to_dict(a), "model": to_dict(cfg.model), "cache_dir": cfg.run.cache_dir,
          "objective": objective,  # the object, not its name: one registered at run time reaches the workers
          "pairs_ref": ray.put([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs]),
          "init_adapter": init_adapter, "reference": a.reference, "seed": cfg.run.seed, "epochs": t.epochs,

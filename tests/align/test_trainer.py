@@ -143,7 +143,8 @@ def test_an_objective_registered_in_a_test_trains_with_no_change_to_the_trainer(
         name, reference, beta = "ipo_test", "sequence", 0.5
 
         def loss(self, policy, reference, cfg):
-            h = (policy.chosen - reference.chosen) - (policy.rejected - reference.rejected)
+            pol, ref = policy.stats, reference.stats
+            h = (pol.chosen - ref.chosen) - (pol.rejected - ref.rejected)
             return (h - 1 / (2 * self.beta_of(cfg))) ** 2, h.detach()
 
     register(IPO)
@@ -166,7 +167,8 @@ def test_an_objective_registered_in_a_test_trains_with_no_change_to_the_trainer(
 
 
 def test_simpo_trains_without_a_reference_pass(tiny_align_config, ray_session, tmp_path, dpo_pairs):
-    from sparserm.align.trainer import _pair_stats, _tokenize, train_dpo
+    from sparserm.align.pair_forward import pair_forward, tokenize_pairs
+    from sparserm.align.trainer import train_dpo
     from sparserm.model.backbone import load_causal_lm
 
     cfg = tiny_align_config("align.loss.name=simpo", "align.train.epochs=2", "align.train.lr=5e-3")
@@ -180,9 +182,9 @@ def test_simpo_trains_without_a_reference_pass(tiny_align_config, ray_session, t
     # is the mean of -log sigma(2 (a_w - a_l) - 0.5) under the base, a = summed log-prob / response tokens
     model, tok = load_causal_lm(cfg.model, cfg.run.cache_dir, torch.device("cpu"))
     a = cfg.align.generate
-    seqs = _tokenize(tok, pairs, a.max_prompt_tokens + a.max_new_tokens, cfg.model.chat_template)
+    seqs = tokenize_pairs(tok, pairs, a.max_prompt_tokens + a.max_new_tokens, cfg.model.chat_template)
     with torch.no_grad():
-        base = _pair_stats(model.eval(), seqs, list(range(4)), tok.pad_token_id, "cpu")
+        base = pair_forward(model.eval(), seqs, list(range(4)), tok.pad_token_id, "cpu").stats
     assert base.chosen_tokens.tolist() == [float(len(w[1])) for w, _ in seqs]
     expected = [math.log1p(math.exp(-(2.0 * (cw / nw - cl / nl) - 0.5)))
                 for cw, cl, nw, nl in zip(*(t.tolist() for t in base.as_tuple()))]
