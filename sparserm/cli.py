@@ -66,6 +66,15 @@ def cmd_sae_evaluate(args) -> int:
     return 0
 
 
+def cmd_fpo(args) -> int:
+    from sparserm.fpo.compare import run_fpo_compare
+
+    cfg, out = _load(args)
+    run_fpo_compare(cfg, out)
+    print(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparserm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     from sparserm.align.cli import add_align_command
 
     add_align_command(sub, _config_args, _load)
+
+    p = sub.add_parser("fpo", help="FPO against DPO, SimPO and TDPO-2 (fpo.methods) on the same pairs and steps: "
+                                    "fpo.json / fpo.md")
+    _config_args(p)
+    p.set_defaults(func=cmd_fpo, stage="fpo")
 
     from sparserm.serve.cli import add_serve_commands
 

@@ -228,6 +228,11 @@ class TrainConfig:
     batch_size: int = 8  # pairs per optimizer step (over all workers)
     micro_batch_size: int = 4  # pairs per forward per worker
     lora: LoraSpec = field(default_factory=LoraSpec)
+    finetune: Literal["lora", "full"] = "lora"  # full: every weight trains (checkpoints hold the whole model)
+    # a "sequence" reference (DPO): computed once before the steps (false), or by a reference forward at every
+    # step (true: a frozen copy of the reference weights in memory, as TRL and OpenRLHF run DPO; the baseline
+    # benchmarks/fpo_memory.py measures FPO against)
+    reference_online: bool = False
     deepspeed_stage: int = 2  # ZeRO stage 0-3
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32; the reference runs in the same
     num_workers: int = 1
@@ -275,6 +280,19 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class FPOCompareConfig:
+    """``sparserm fpo``: the objectives trained on the same pairs and steps, and what each is measured by."""
+
+    methods: tuple[str, ...] = ("dpo", "simpo", "tdpo2", "fpo")  # entries of align.objectives.OBJECTIVES
+    train_pairs: NonNegativeInt = 400  # training pairs, the same for every method (0: all)
+    heldout_pairs: NonNegativeInt = 200  # held-out pairs: preference accuracy (0: all)
+    entropy_prompts: NonNegativeInt = 40  # held-out prompts sampled for the entropy of generations
+    winrate_prompts: NonNegativeInt = 40  # held-out prompts generated on and SparseRM-judged against the base
+    mc_questions: NonNegativeInt = 0  # TruthfulQA MC1/MC2 questions (0: all)
+    bootstrap: PositiveInt = 1000  # resamples for the paired intervals of FPO minus each baseline
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -284,6 +302,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
+    fpo: FPOCompareConfig = field(default_factory=FPOCompareConfig)
 
     def validate(self) -> "Config":
         build(Config, to_dict(self))  # the annotations' types, ranges and choices, also for a Config made in code
@@ -300,6 +319,8 @@ class Config:
         a = self.align
         g, t = a.generate, a.train
         _check(a.loss.name in OBJECTIVES, "align.loss.name", a.loss.name, "|".join(sorted(OBJECTIVES)))
+        for m in self.fpo.methods:
+            _check(m in OBJECTIVES, "fpo.methods", m, "|".join(sorted(OBJECTIVES)))
         _check(a.rounds >= 1, "align.rounds", a.rounds, ">= 1")
         _check(a.reference in ("previous", "base"), "align.reference", a.reference, "previous|base")
         _check(g.engine in ("auto", "hf", "vllm"), "align.generate.engine", g.engine, "auto|hf|vllm")

@@ -8,11 +8,14 @@ micro-batch:
   through the DeepSpeed engine itself (same dtype, same weights: u = 0 before the first step), the pairs split
   over the workers and all-reduced; stored in each checkpoint (``reference.safetensors``) and read back on
   resume.
+- ``"sequence_online"`` (DPO with ``align.train.reference_online``): the same stats, by a reference forward
+  at every micro-batch, as TRL and OpenRLHF run DPO (the memory baseline of ``benchmarks/fpo_memory.py``).
 - ``"token"`` (TDPO-2): the reference's per-token distributions, online at every micro-batch (they are
-  [T, V] per response: too large to keep). The reference is the untuned model (``align.reference: base``, or
-  the first round of ``previous``) through the same engine with the LoRA adapter disabled, else the round's
-  starting policy (base + the previous adapter, merged) as a second frozen copy of the weights: the memory
-  cost the FPO paper measures against.
+  [T, V] per response: too large to keep).
+
+An online reference is the untuned model (``align.reference: base``, or the first round of ``previous``)
+through the same engine with the LoRA adapter disabled, else (full fine-tuning, or a round that starts from
+an adapter) a second frozen copy of the weights: the memory cost the FPO paper measures against.
 - ``"features"`` (FPO): read from the offline reference cache (``sparserm.fpo.reference_cache``) that the
   driver built before training: no reference model is built and no reference forward runs on the workers.
 
@@ -44,6 +47,7 @@ class ReferenceContext:
     model: dict  # ModelConfig as a dict
     cache_dir: str
     stored: dict | None  # the reference tensors of the checkpoint being resumed, if any
+    weights: object  # sparserm.align.finetune.FINETUNE entry: what the run trains (LoRA or every weight)
     features_cache: str | None = None  # the offline reference cache folder ("features")
     features_key: dict | None = None  # the key that cache must have
 
@@ -58,8 +62,7 @@ class SequenceReference:
             return
         engine = ctx.engine
         engine.eval()
-        off = engine.module.disable_adapter() if ctx.reference == "base" else contextlib.nullcontext()
-        with off:
+        with _as_base(ctx) if ctx.reference == "base" else contextlib.nullcontext():
             self.stats, self.forwards = _sequence_pass(ctx)
 
     def for_batch(self, idx: list[int], dtype) -> PairForward:
@@ -94,35 +97,52 @@ def _from_stored(d: dict, seqs: list[tuple]) -> PairStats:
     return PairStats.from_dict(d)
 
 
-class TokenReference:
-    kind = "token"
+def _as_base(ctx: ReferenceContext):
+    """The engine computing as the untuned base: LoRA's adapter off; full fine-tuning starts at the base, so
+    before the first step the weights are the base."""
+    return ctx.weights.adapter_off(ctx.engine.module) or contextlib.nullcontext()
+
+
+class OnlineReference:
+    """A reference forward at every micro-batch. Through the trained weights with LoRA's adapter off where that
+    is the reference (the base: ``align.reference: base``, or a first round); otherwise (full fine-tuning, or
+    a round that starts from an adapter) a second, frozen copy: the base weights, plus that adapter merged."""
+
+    kind, needs = "sequence_online", frozenset()
 
     def __init__(self, ctx: ReferenceContext):
         self.ctx, self.forwards, self.forwards_in_steps = ctx, 0, 0
-        self.copy = None  # a second frozen model: only when the reference is not the adapter-free base
-        if ctx.reference == "previous" and ctx.init_adapter:
-            from peft import PeftModel
-
+        base_is_reference = ctx.reference == "base" or not ctx.init_adapter
+        self.copy = None
+        if not (base_is_reference and ctx.weights.adapter_off(ctx.engine.module) is not None):
             from sparserm.config import ModelConfig, build
             from sparserm.model.backbone import load_causal_lm
 
-            base, _ = load_causal_lm(build(ModelConfig, ctx.model), ctx.cache_dir, ctx.device)
-            dtype = next(ctx.engine.module.parameters()).dtype
-            self.copy = PeftModel.from_pretrained(base, ctx.init_adapter).merge_and_unload().to(dtype).eval()
+            copy, _ = load_causal_lm(build(ModelConfig, ctx.model), ctx.cache_dir, ctx.device)
+            if not base_is_reference:
+                from peft import PeftModel
+
+                copy = PeftModel.from_pretrained(copy, ctx.init_adapter).merge_and_unload()
+            self.copy = copy.to(next(ctx.engine.module.parameters()).dtype).eval()
             for p in self.copy.parameters():
                 p.requires_grad_(False)
 
     def for_batch(self, idx: list[int], dtype) -> PairForward:
         ctx = self.ctx
         model = self.copy if self.copy is not None else ctx.engine
-        off = ctx.engine.module.disable_adapter() if self.copy is None else contextlib.nullcontext()
-        with torch.no_grad(), off:
-            out = pair_forward(model, ctx.seqs, idx, ctx.pad_id, ctx.device, frozenset({"token"}))
+        with torch.no_grad(), _as_base(ctx) if self.copy is None else contextlib.nullcontext():
+            out = pair_forward(model, ctx.seqs, idx, ctx.pad_id, ctx.device, self.needs)
         self.forwards_in_steps += 1
         return out
 
     def to_save(self) -> None:
         return None
+
+
+class TokenReference(OnlineReference):
+    """TDPO-2's per-token reference distributions: always online ([T, V] per response is too large to keep)."""
+
+    kind, needs = "token", frozenset({"token"})
 
 
 class FeatureReference:
@@ -163,8 +183,14 @@ class NoReference:
         return None
 
 
-REFERENCE_SOURCES = {"none": NoReference, "sequence": SequenceReference, "token": TokenReference,
-                     "features": FeatureReference}
+REFERENCE_SOURCES = {c.kind: c for c in (NoReference, SequenceReference, OnlineReference, TokenReference,
+                                           FeatureReference)}
+
+
+def reference_source(kind: str, online: bool):
+    """The source of an objective's reference kind; ``online`` (``align.train.reference_online``) picks the
+    kind's every-step variant where it has one (``sequence_online``)."""
+    return REFERENCE_SOURCES.get(f"{kind}_online", REFERENCE_SOURCES[kind]) if online else REFERENCE_SOURCES[kind]
 
 
 def uses_features(objective) -> bool:

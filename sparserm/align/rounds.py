@@ -33,7 +33,7 @@ from sparserm.align.labellers import LabelContext, PromptItem
 from sparserm.align.pairs import make_pairs, sampling_of
 from sparserm.align.prompts import TaskData, load_tasks, round_prompts, with_instruction
 from sparserm.align.trainer import adapter_hash, dpo_key
-from sparserm.config import Config, to_dict
+from sparserm.config import Config, ConfigError, to_dict
 from sparserm.manifest import check_key, folder_hash, model_key, read_jsonl, stable_hash, write_json, write_jsonl
 
 
@@ -75,6 +75,9 @@ class AlignJob:
         # absolute: Ray Train workers run in their own working directory
         self.cfg, self.a, self.out, self.rm_dir = cfg, cfg.align, Path(out).resolve(), str(Path(rm_dir).resolve())
         self.stop_after = stop_after  # (round, filter): return after that round's DPO epoch 1, as a killed job would
+        if cfg.align.train.finetune != "lora":  # the engines generate with each round's adapter
+            raise ConfigError("align.train.finetune=full is for single runs (`sparserm fpo`): `sparserm align` "
+                              "serves every round's policy as a LoRA adapter; use finetune=lora")
         self.tasks: list[TaskData] = load_tasks(cfg)
         g = self.a.generate
         self.max_tokens = g.max_prompt_tokens + g.max_new_tokens

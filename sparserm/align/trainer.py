@@ -37,6 +37,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -68,19 +69,6 @@ def ds_config(t: TrainConfig, world: int, bf16: bool) -> dict:
     }
 
 
-def _adapter_state(model, stage: int) -> dict[str, torch.Tensor]:
-    """The adapter's weights on CPU; under ZeRO-3 the partitioned parameters are gathered on every rank."""
-    from peft import get_peft_model_state_dict
-
-    gather = contextlib.nullcontext()
-    if stage == 3:
-        import deepspeed
-
-        gather = deepspeed.zero.GatheredParameters([p for p in model.parameters() if p.requires_grad])
-    with gather:
-        return {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
-
-
 def adapter_hash(folder: str | None) -> str | None:
     """Content hash of a saved LoRA adapter (its weights and config), so a key names what it was, not where."""
     if folder is None:
@@ -93,7 +81,7 @@ def adapter_hash(folder: str | None) -> str | None:
 # where a run goes, not what it computes (num_workers stays: each worker's optimizer share is saved per rank)
 PLACEMENT_FIELDS = ("num_cpus", "num_gpus", "backend", "torch_threads")
 # fields added after runs were keyed: at these values they compute what the runs before them did, and stay out
-UNSET_WHEN = {"warmup_steps": 0}
+UNSET_WHEN = {"warmup_steps": 0, "finetune": "lora", "reference_online": False}
 
 
 def dpo_key(cfg: Config, pairs: list[dict], init_adapter: str | None) -> dict:
@@ -119,6 +107,18 @@ def _features_key(loss_cfg) -> dict:
     return {"features": {"sae": folder_hash(sae_dir), "layer": layer}}
 
 
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def frozen_checksum(model) -> float:
     """Sum of every frozen (base) parameter: must not move during LoRA training."""
     return float(sum(p.detach().double().sum().item() for p in model.parameters() if not p.requires_grad))
@@ -142,11 +142,11 @@ def _train_loop(c: dict) -> dict:
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
-    from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 
+    from sparserm.align.finetune import FINETUNE
     from sparserm.align.optimizer_state import load_optimizer_state, save_optimizer_state
-    from sparserm.align.references import REFERENCE_SOURCES, ReferenceContext
+    from sparserm.align.references import ReferenceContext, reference_source
     from sparserm.align.schedule import warmup_scheduler
     from sparserm.config import ModelConfig, build
     from sparserm.model.backbone import load_causal_lm
@@ -161,13 +161,12 @@ def _train_loop(c: dict) -> dict:
     a = build(AlignConfig, c["align"])
     t = a.train
     mcfg = build(ModelConfig, c["model"])
+    weights = FINETUNE[t.finetune]
+    rss_before_model = _rss_mb()  # the worker's baseline: peak memory is reported above it
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     model, tok = load_causal_lm(mcfg, c["cache_dir"], device)
-    if c["init_adapter"]:
-        model = PeftModel.from_pretrained(model, c["init_adapter"], is_trainable=True)
-    else:
-        torch.manual_seed(c["seed"])
-        model = get_peft_model(model, LoraConfig(r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
-                                                 target_modules=list(t.lora.target_modules), task_type="CAUSAL_LM"))
+    model = weights.prepare(model, t, c["init_adapter"], c["seed"])
     base_sum = frozen_checksum(model)
     pairs = ray.get(c["pairs_ref"])
     seqs = tokenize_pairs(tok, pairs, c["max_tokens"], mcfg.chat_template)
@@ -189,7 +188,7 @@ def _train_loop(c: dict) -> dict:
             if state["fingerprint"] != c["fingerprint"]:
                 raise ValueError(f"{c['name']}: the stored run was trained on other pairs or settings; "
                                  f"use a new output directory")
-            set_peft_model_state_dict(model, load_file(str(Path(d) / "adapter" / "adapter_model.safetensors")))
+            weights.restore(model, Path(d) / weights.folder)
             history = state["history"]
             if (Path(d) / "reference.safetensors").is_file():  # the reference stats stored with it
                 stored_ref = load_file(str(Path(d) / "reference.safetensors"))
@@ -201,9 +200,9 @@ def _train_loop(c: dict) -> dict:
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(t, world, use_bf16(t, device)),
                                       lr_scheduler=warmup_scheduler(t.warmup_steps, global_step))
     # the reference, by the kind the objective declares (after initialize: the dtype and weights it trains in)
-    ref = REFERENCE_SOURCES[objective.reference](ReferenceContext(
+    ref = reference_source(objective.reference, t.reference_online)(ReferenceContext(
         engine, seqs, rank, world, micro, tok.pad_token_id, device, c["reference"], c["init_adapter"], c["model"],
-        c["cache_dir"], stored_ref, c["features"].get("cache"), c["features"].get("cache_key")))
+        c["cache_dir"], stored_ref, weights, c["features"].get("cache"), c["features"].get("cache_key")))
     if ckpt is not None:
         with ckpt.as_directory() as d:
             why = load_optimizer_state(engine.basic_optimizer, Path(d) / "optimizer", rank=rank, world=world,
@@ -223,6 +222,7 @@ def _train_loop(c: dict) -> dict:
         perm = torch.cat([perm, perm[: n_pad - n]]) if n_pad > n else perm  # whole steps on every worker
         shard = perm[rank::world].tolist()
         engine.train()
+        t_epoch = time.perf_counter()
         sums = torch.zeros(4, dtype=torch.float64)  # loss, correct, margin, count
         n_micro = math.ceil(len(shard) / micro)
         lrs = []  # the rate of each optimizer step of this epoch
@@ -250,7 +250,10 @@ def _train_loop(c: dict) -> dict:
         row = {"epoch": epoch, "loss": float(sums[0] / sums[3]), "reward_accuracy": float(sums[1] / sums[3]),
                "reward_margin": float(sums[2] / sums[3] / beta), "n_pairs": n, "base_checksum": base_sum,
                "base_checksum_after": frozen_checksum(engine.module) if t.deepspeed_stage < 3 else None,
-               "lr": lrs, "global_step": global_step + len(lrs)}
+               "lr": lrs, "global_step": global_step + len(lrs),
+               "seconds_per_step": (time.perf_counter() - t_epoch) / max(1, len(lrs)),
+               "peak_rss_mb_above_baseline": _peak_rss_mb() - rss_before_model,
+               "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
         global_step += len(lrs)
         if epoch == 1 and u_first is not None:
             row.update(u_abs_max_before_first_step=u_first, dtype=str(next(engine.module.parameters()).dtype),
@@ -261,14 +264,13 @@ def _train_loop(c: dict) -> dict:
                        placement={"node_id": ray.get_runtime_context().get_node_id(),
                                   "gpu_ids": [str(x) for x in ray.get_gpu_ids()], "device": str(device)})
         history.append(row)
-        adapter = _adapter_state(engine.module, t.deepspeed_stage)  # every rank (ZeRO-3 gathers)
         with tempfile.TemporaryDirectory() as tmp:
             tmp_p = Path(tmp)  # every rank's files land in the same checkpoint folder
+            weights.save(engine, t.deepspeed_stage, tmp_p / weights.folder, tok, rank)
             save_optimizer_state(engine.basic_optimizer, tmp_p / "optimizer", rank=rank, world=world,
                                  stage=t.deepspeed_stage)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
             if rank == 0:
-                engine.module.save_pretrained(str(tmp_p / "adapter"), state_dict=adapter)
                 if ref.to_save() is not None:
                     save_file(ref.to_save(), str(tmp_p / "reference.safetensors"))
                 (tmp_p / "state.json").write_text(json.dumps({"epoch": epoch, "history": history,
@@ -305,7 +307,8 @@ def _features(cfg: Config, objective, pairs: list[dict], run_dir: Path, init_ada
 def train_dpo(cfg: Config, pairs: list[dict], *, storage_dir: Path, name: str, init_adapter: str | None = None,
               stop_after_epoch: int | None = None, progress: bool = True) -> dict:
     """DPO-train a LoRA adapter on ``pairs`` (dicts with prompt/chosen/rejected). Returns
-    ``{"adapter": <folder>, "history": [...], "finished": bool}``; the adapter is the last epoch's."""
+    ``{"adapter": <folder>, "model": <folder>, "history": [...], "finished": bool}``, the last epoch's weights:
+    LoRA: the adapter folder (both keys); full fine-tuning: a model folder (``adapter`` None)."""
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     import ray
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -317,6 +320,9 @@ def train_dpo(cfg: Config, pairs: list[dict], *, storage_dir: Path, name: str, i
     objective = get_objective(a.loss.name)
     if not pairs:
         raise ValueError(f"{name}: no pairs to train on")
+    from sparserm.align.finetune import FINETUNE
+
+    FINETUNE[t.finetune].check_init(init_adapter)
     ensure_ray(cfg.run.ray_address)
     max_tokens = a.generate.max_prompt_tokens + a.generate.max_new_tokens
     fingerprint = stable_hash(dpo_key(cfg, pairs, init_adapter))
@@ -346,5 +352,6 @@ def train_dpo(cfg: Config, pairs: list[dict], *, storage_dir: Path, name: str, i
         raise RuntimeError(f"dpo {name!r}: no epoch finished, so there is no checkpoint")
     ckpt = Path(result.checkpoint.path)
     state = json.loads((ckpt / "state.json").read_text())
-    return {"adapter": str(ckpt / "adapter"), "history": state["history"],
+    folder = ckpt / FINETUNE[t.finetune].folder  # LoRA: the adapter; full: a model folder
+    return {"adapter": str(folder) if t.finetune == "lora" else None, "model": str(folder), "history": state["history"],
             "finished": int(state["epoch"]) >= t.epochs}

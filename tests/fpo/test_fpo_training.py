@@ -122,3 +122,18 @@ def test_tdpo2_runs_its_reference_online(tiny_align_config, ray_session, tmp_pat
     h2 = second["history"][0]
     assert h2["reference_copy"] and h2["model_forwards_in_steps"] == h2["policy_micro_batches"]
     assert h2["u_abs_max_before_first_step"] < 1e-4  # the copy is the policy this round starts from
+
+
+@pytest.mark.parametrize("loss,copy", [("fpo", False), ("tdpo2", True)])
+def test_in_full_finetuning_only_tdpo_holds_a_second_copy(fpo_cfg, ray_session, tmp_path, dpo_pairs, loss, copy):
+    """Full fine-tuning has no adapter to switch off: TDPO-2's online reference is a frozen copy of the
+    weights, while FPO reads its cache and no second copy exists."""
+    from sparserm.align.trainer import train_dpo
+
+    cfg = fpo_cfg(f"align.loss.name={loss}", "align.train.finetune=full", "align.train.epochs=1",
+                  "align.train.lr=1e-3")
+    h = train_dpo(cfg, dpo_pairs[:4], storage_dir=tmp_path, name=loss, progress=False)["history"][0]
+    assert h["reference_copy"] is copy and h["reference_forwards"] == 0
+    assert h["model_forwards_in_steps"] == h["policy_micro_batches"] == 2  # the trained weights: policy only
+    assert h["reference_forwards_in_steps"] == (2 if copy else 0)
+    assert h["u_abs_max_before_first_step"] < 1e-5
