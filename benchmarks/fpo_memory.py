@@ -228,7 +228,8 @@ def run_line(run: dict, use_gpu: bool) -> str:
     return (f"{head} peak {fmt(mem, '.1f')} MB  {fmt(row.get('seconds_per_step'), '.3f')} s/step  "
             f"steps {row.get('global_step')}  reference_copy={row.get('reference_copy')} "
             f"reference_forwards_in_steps={row.get('reference_forwards_in_steps')} "
-            f"model_forwards_in_steps={row.get('model_forwards_in_steps')}  wall {run.get('wall_s', 0):.1f} s")
+            f"model_forwards_in_steps={row.get('model_forwards_in_steps')}  wall {run.get('wall_s', 0):.1f} s  "
+            f"load {run.get('loadavg_1min_before')}->{run.get('loadavg_1min_after')}")
 
 
 def cpu_info() -> dict:
@@ -305,6 +306,9 @@ def child(spec_file: str) -> None:
            # the trainer's thread rule on CPU (align.train.torch_threads, else every core)
            "torch_threads": row.get("torch_threads") or t.torch_threads or (os.cpu_count() if t.num_gpus == 0 else None),
            "driver_torch_threads": torch.get_num_threads()}
+    manifest = Path(spec["storage"], spec["name"], "reference_cache", "manifest.json")
+    if manifest.is_file():  # FPO's offline pass (before training, so in neither peak nor step time)
+        out["reference_cache_seconds"] = json.loads(manifest.read_text()).get("seconds")
     Path(spec["result"]).write_text(json.dumps(out))
 
 
@@ -313,6 +317,7 @@ def launch(spec: dict, work: Path, timeout: float) -> dict:
     spec_file = work / f"{spec['name']}.spec.json"
     spec_file.write_text(json.dumps(spec))
     log = work / f"{spec['name']}.log"
+    load_before = round(os.getloadavg()[0], 2)  # the machine may be shared: step times move with its load
     t0 = time.perf_counter()
     with open(log, "w") as fh:
         try:
@@ -322,12 +327,13 @@ def launch(spec: dict, work: Path, timeout: float) -> dict:
         except subprocess.TimeoutExpired:
             rc = "timeout"
     wall = time.perf_counter() - t0
+    load = {"loadavg_1min_before": load_before, "loadavg_1min_after": round(os.getloadavg()[0], 2)}
     if rc == 0 and Path(spec["result"]).is_file():
-        return {**json.loads(Path(spec["result"]).read_text()), "process_wall_s": round(wall, 2)}
+        return {**json.loads(Path(spec["result"]).read_text()), "process_wall_s": round(wall, 2), **load}
     tail = log.read_text(errors="replace").strip().splitlines()[-15:]
     print(f"--- {spec['name']} failed (exit {rc}); last lines of {log}:\n" + "\n".join(tail), file=sys.stderr,
           flush=True)
-    return {"row": None, "error": f"exit {rc}", "wall_s": round(wall, 2), "log": str(log)}
+    return {"row": None, "error": f"exit {rc}", "wall_s": round(wall, 2), "log": str(log), **load}
 
 
 def main(argv=None) -> dict | None:

@@ -103,6 +103,7 @@ class RewardConfig:
     weight_decay: float = 0.0
     batch_size: int = 64
     val_fraction: float = 0.15  # of the training split, for choosing the best epoch
+    patience: NonNegativeInt = 0  # stop once the best epoch has not improved for this many epochs (0: off)
     sweep_folds: int = 5  # `rm sweep`: (L, K) chosen by this many cross-validation folds of the training split
     head_seeds: int = 3  # `rm ablate`: heads fitted per variant (mean, spread and paired intervals reported)
     num_workers: PositiveInt = 1  # Ray Train workers of the head fit (DDP)
@@ -240,6 +241,9 @@ class TrainConfig:
     num_gpus: NonNegativeFloat = 0.0  # per worker; a fraction shares the GPU with the engines (colocated)
     backend: str = "auto"  # torch.distributed backend: auto (nccl with GPUs, else gloo) | nccl | gloo
     torch_threads: int = 0  # 0: every core of the machine (generation and training never overlap)
+    # share of the pairs held out (drawn by run.seed): val loss and reward accuracy after every epoch (0: none)
+    val_fraction: Annotated[float, Field(ge=0, lt=0.5)] = 0.0
+    patience: NonNegativeInt = 0  # stop once val loss has not improved for this many epochs (0: off)
 
 
 @dataclass(frozen=True)

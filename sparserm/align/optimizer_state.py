@@ -1,4 +1,6 @@
-"""The DPO optimizer's moments across a resume, as safetensors + JSON (DeepSpeed's own checkpoints are pickles).
+"""An optimizer's moments across a resume, as safetensors + JSON (DeepSpeed's own checkpoints are pickles), for
+both Ray Train loops: preference training (``sparserm.align.trainer``) and the reward head
+(``sparserm.reward.train_head``).
 
 Under every ZeRO stage DeepSpeed steps a plain torch optimizer (``engine.basic_optimizer``) over this rank's
 share of the trainable parameters: the parameters themselves at stage 0, flat fp32 partitions at stages 1-3.
@@ -11,7 +13,8 @@ Its ``state_dict()`` is tensors plus plain numbers, so each rank writes its own
 and loads its own file back on resume. The master copy matters with bf16 (GPU): the adapter is saved from
 the bf16 model, and restarting the master from it would drop the low bits of every weight. A share is only
 valid for the same world size and ZeRO stage; :func:`load_optimizer_state` refuses anything else (returns
-the reason) and the moments restart.
+the reason) and the moments restart. The reward head's DDP ranks each hold the whole state, so the head
+writes one share: rank 0 of a world of 1, stage 0, and every rank loads it.
 """
 from __future__ import annotations
 

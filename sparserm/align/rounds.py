@@ -46,8 +46,13 @@ RM_SECTIONS = ("data", "model", "features", "sae", "reward")  # what a reward mo
 PLACEMENT = ("num_actors", "num_cpus", "num_gpus", "device", "torch_threads", "sweep_k", "sweep_folds", "head_seeds")
 
 
+# fields added after reward models were keyed: at these values they train what those did, and stay out
+RM_UNSET_WHEN = {"patience": 0}
+
+
 def _without(section: dict | None, names: tuple[str, ...]) -> dict | None:
-    return None if section is None else {k: v for k, v in section.items() if k not in names}
+    return None if section is None else {k: v for k, v in section.items() if k not in names
+                                         and not (k in RM_UNSET_WHEN and v == RM_UNSET_WHEN[k])}
 
 
 def own_reward_model(cfg: Config, folder: Path) -> str:

@@ -22,31 +22,40 @@ checkpoint. Every epoch rank 0 writes:
     reference.safetensors     the reference stats of every pair (for an objective that has a reference)
     state.json                epoch, per-epoch history (loss, accuracy, each step's lr, global step), fingerprint
     optimizer/rank_<r>.*      each rank's optimizer moments (``optimizer_state``; written by every rank)
+    best/                     with early stopping: the weights of the best epoch so far (as ``adapter/``)
 
 A rerun with the same ``storage_dir``/``name`` resumes after the last finished epoch (Ray Train's run
 snapshot) with the adapter and the optimizer moments of that epoch, and the lr schedule at the global step it
 stopped at. The shuffle of epoch e depends only on (seed, e), so a resumed run follows the same steps as an
 unbroken one. The run's fingerprint covers what changes training (pairs, ``align.train``, the objective's
 ``key`` of ``align.loss``, ``align.reference``, the model, the starting adapter's content, the token budget,
-the seed), so an evaluation or generation setting never blocks a resume.
+the seed), so an evaluation or generation setting never blocks a resume (fingerprint checks, epoch order and
+checkpoint writing: ``sparserm.train_state``, shared with the reward head's loop).
+
+``align.train.val_fraction`` > 0 holds that share of the pairs (drawn by the seed) out of the steps; after each
+epoch the workers compute ``objective.loss`` on them with the same reference (a once-computed or cached one
+covers every pair passed in): the row's ``val_loss``, ``val_reward_accuracy``. ``align.train.patience`` > 0
+stops once val loss has not improved for that many epochs (``stopped_early_at``) and returns the best epoch's
+weights and ``best_epoch``.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from sparserm.align.objectives import PairStats, get_objective
+from sparserm.align.objectives import get_objective
 from sparserm.align.pair_forward import pair_forward, tokenize_pairs, unwrap_causal_lm
 from sparserm.config import AlignConfig, Config, TrainConfig, to_dict
-
 from sparserm.manifest import model_key, stable_hash
+from sparserm.train_state import (OPTIMIZER_DIR, EarlyStopping, all_reduced, epoch_order, held_out,
+                                  refuse_other_run, report_epoch, resumed_checkpoint)
 
 __all__ = ["train_dpo", "ds_config", "adapter_hash", "dpo_key"]
 
@@ -81,7 +90,7 @@ def adapter_hash(folder: str | None) -> str | None:
 # where a run goes, not what it computes (num_workers stays: each worker's optimizer share is saved per rank)
 PLACEMENT_FIELDS = ("num_cpus", "num_gpus", "backend", "torch_threads")
 # fields added after runs were keyed: at these values they compute what the runs before them did, and stay out
-UNSET_WHEN = {"warmup_steps": 0, "finetune": "lora", "reference_online": False}
+UNSET_WHEN = {"warmup_steps": 0, "finetune": "lora", "reference_online": False, "val_fraction": 0.0, "patience": 0}
 
 
 def dpo_key(cfg: Config, pairs: list[dict], init_adapter: str | None) -> dict:
@@ -135,13 +144,32 @@ def _without_shm_comm() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+WHAT = "a DPO run"
+
+
+def _validate(forward_loss, engine, val_idx: list[int], rank: int, world: int, micro: int, device) -> dict:
+    """The objective's loss and reward accuracy on the held-out pairs, sharded over the ranks. Every rank takes
+    as many (repeats past the end count zero), so all run the same forwards (ZeRO-3 gathers collectively)."""
+    engine.eval()
+    n = len(val_idx)
+    pos = list(range(rank, -(-n // world) * world, world))
+    sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, count
+    with torch.no_grad():
+        for b in range(0, len(pos), micro):
+            keep = torch.tensor([float(j < n) for j in pos[b: b + micro]], dtype=torch.float64)
+            losses, u = forward_loss([val_idx[j % n] for j in pos[b: b + micro]])
+            sums += torch.stack([(losses.double().cpu() * keep).sum(), ((u > 0).double().cpu() * keep).sum(),
+                                 keep.sum()])
+    sums = all_reduced(sums, device, world)
+    return {"val_loss": float(sums[0] / sums[2]), "val_reward_accuracy": float(sums[1] / sums[2]), "n_val": n}
+
+
 def _train_loop(c: dict) -> dict:
     """Runs on every Ray Train worker."""
     import deepspeed
     import ray
     import ray.train
     import ray.train.torch
-    import torch.distributed as dist
     from safetensors.torch import load_file, save_file
 
     from sparserm.align.finetune import FINETUNE
@@ -170,7 +198,8 @@ def _train_loop(c: dict) -> dict:
     base_sum = frozen_checksum(model)
     pairs = ray.get(c["pairs_ref"])
     seqs = tokenize_pairs(tok, pairs, c["max_tokens"], mcfg.chat_template)
-    n, micro = len(seqs), t.micro_batch_size
+    micro = t.micro_batch_size
+    train_idx, val_idx = held_out(len(seqs), t.val_fraction, c["seed"])  # the reference covers both
 
     objective = c["objective"]  # resolved by the driver (an objective registered at run time arrives pickled)
     sae = None
@@ -181,17 +210,16 @@ def _train_loop(c: dict) -> dict:
         for p in sae.sae.parameters():
             p.requires_grad_(False)
     history, stored_ref = [], None
-    ckpt = ray.train.get_checkpoint()
+    keep = tempfile.TemporaryDirectory() if t.patience and rank == 0 else None  # <keep>/best: the best weights
+    ckpt, state = resumed_checkpoint(c["fingerprint"], WHAT)
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = json.loads((Path(d) / "state.json").read_text())
-            if state["fingerprint"] != c["fingerprint"]:
-                raise ValueError(f"{c['name']}: the stored run was trained on other pairs or settings; "
-                                 f"use a new output directory")
             weights.restore(model, Path(d) / weights.folder)
             history = state["history"]
             if (Path(d) / "reference.safetensors").is_file():  # the reference stats stored with it
                 stored_ref = load_file(str(Path(d) / "reference.safetensors"))
+            if keep is not None:
+                shutil.copytree(Path(d) / "best", Path(keep.name) / "best")
     global_step = history[-1].get("global_step", 0) if history else 0  # optimizer steps already taken
 
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -205,7 +233,7 @@ def _train_loop(c: dict) -> dict:
         c["cache_dir"], stored_ref, weights, c["features"].get("cache"), c["features"].get("cache_key")))
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            why = load_optimizer_state(engine.basic_optimizer, Path(d) / "optimizer", rank=rank, world=world,
+            why = load_optimizer_state(engine.basic_optimizer, Path(d) / OPTIMIZER_DIR, rank=rank, world=world,
                                        stage=t.deepspeed_stage)
         if why is not None:
             print(f"[dpo {c['name']}] rank {rank}: optimizer moments restart ({why})", flush=True)
@@ -214,13 +242,19 @@ def _train_loop(c: dict) -> dict:
     calls = [0]  # forwards of the trained model's weights during the steps (policy and any adapter-off reference)
     unwrap_causal_lm(engine).register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     micro_batches = 0
-    step_pairs = t.batch_size  # pairs per optimizer step over all workers
-    n_pad = math.ceil(n / step_pairs) * step_pairs
+    stopper = EarlyStopping(t.patience, lambda row: -row["val_loss"], history if val_idx else ())
+
+    def forward_loss(idx: list[int]):
+        policy = pair_forward(engine, seqs, idx, tok.pad_token_id, device, objective.policy_needs, sae,
+                              c["features"].get("layer"))
+        return objective.loss(policy, ref.for_batch(idx, policy.stats.chosen.dtype), a.loss)
+
     for epoch in range(len(history) + 1, c["epochs"] + 1):
-        g = torch.Generator().manual_seed(c["seed"] * 1_000_003 + epoch)
-        perm = torch.randperm(n, generator=g)
-        perm = torch.cat([perm, perm[: n_pad - n]]) if n_pad > n else perm  # whole steps on every worker
-        shard = perm[rank::world].tolist()
+        if stopper.stop:
+            break
+        # whole steps on every worker: padded to a multiple of the pairs of one optimizer step over all workers
+        order = epoch_order(len(train_idx), c["seed"], epoch, rank, world, multiple=t.batch_size)
+        shard = [train_idx[i] for i in order.tolist()]
         engine.train()
         t_epoch = time.perf_counter()
         sums = torch.zeros(4, dtype=torch.float64)  # loss, correct, margin, count
@@ -228,9 +262,7 @@ def _train_loop(c: dict) -> dict:
         lrs = []  # the rate of each optimizer step of this epoch
         for k, b in enumerate(range(0, len(shard), micro)):
             idx = shard[b: b + micro]
-            policy = pair_forward(engine, seqs, idx, tok.pad_token_id, device, objective.policy_needs, sae,
-                                  c["features"].get("layer"))
-            losses, u = objective.loss(policy, ref.for_batch(idx, policy.stats.chosen.dtype), a.loss)
+            losses, u = forward_loss(idx)
             micro_batches += 1
             if u_first is None and not history:
                 u_first = float(u.abs().max())
@@ -243,12 +275,9 @@ def _train_loop(c: dict) -> dict:
             if c["progress"] and rank == 0 and (k + 1) % c["log_every"] == 0:
                 print(f"[dpo {c['name']}] epoch {epoch}/{c['epochs']} step {k + 1}/{n_micro} "
                       f"loss={sums[0] / sums[3]:.4f} acc={sums[1] / sums[3]:.3f}", flush=True)
-        if world > 1:
-            total = sums.to(device)
-            dist.all_reduce(total)
-            sums = total.cpu()
+        sums = all_reduced(sums, device, world)
         row = {"epoch": epoch, "loss": float(sums[0] / sums[3]), "reward_accuracy": float(sums[1] / sums[3]),
-               "reward_margin": float(sums[2] / sums[3] / beta), "n_pairs": n, "base_checksum": base_sum,
+               "reward_margin": float(sums[2] / sums[3] / beta), "n_pairs": len(train_idx), "base_checksum": base_sum,
                "base_checksum_after": frozen_checksum(engine.module) if t.deepspeed_stage < 3 else None,
                "lr": lrs, "global_step": global_step + len(lrs),
                "seconds_per_step": (time.perf_counter() - t_epoch) / max(1, len(lrs)),
@@ -263,21 +292,31 @@ def _train_loop(c: dict) -> dict:
                        model_forwards_in_steps=calls[0], policy_micro_batches=micro_batches,
                        placement={"node_id": ray.get_runtime_context().get_node_id(),
                                   "gpu_ids": [str(x) for x in ray.get_gpu_ids()], "device": str(device)})
+        improved = False
+        if val_idx:  # after the step counts above: these forwards are not the steps'
+            row.update(_validate(forward_loss, engine, val_idx, rank, world, micro, device))
+            improved = stopper.update(row)
+            if stopper.stop:
+                row["stopped_early_at"] = epoch
         history.append(row)
-        with tempfile.TemporaryDirectory() as tmp:
-            tmp_p = Path(tmp)  # every rank's files land in the same checkpoint folder
-            weights.save(engine, t.deepspeed_stage, tmp_p / weights.folder, tok, rank)
-            save_optimizer_state(engine.basic_optimizer, tmp_p / "optimizer", rank=rank, world=world,
+
+        def write(folder: Path) -> None:  # on every rank: all ranks' files land in the same checkpoint folder
+            weights.save(engine, t.deepspeed_stage, folder / weights.folder, tok, rank)
+            save_optimizer_state(engine.basic_optimizer, folder / OPTIMIZER_DIR, rank=rank, world=world,
                                  stage=t.deepspeed_stage)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            if rank == 0:
-                if ref.to_save() is not None:
-                    save_file(ref.to_save(), str(tmp_p / "reference.safetensors"))
-                (tmp_p / "state.json").write_text(json.dumps({"epoch": epoch, "history": history,
-                                                              "fingerprint": c["fingerprint"]}, indent=1))
-                if c["progress"]:
-                    print(f"[dpo {c['name']}] epoch {epoch}/{c['epochs']} done: " + json.dumps(row), flush=True)
-            ray.train.report(row, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch:04d}")
+            if rank == 0 and ref.to_save() is not None:
+                save_file(ref.to_save(), str(folder / "reference.safetensors"))
+            if keep is not None:  # rank 0: the best epoch's weights travel in every checkpoint
+                if improved:
+                    shutil.rmtree(Path(keep.name) / "best", ignore_errors=True)
+                    shutil.copytree(folder / weights.folder, Path(keep.name) / "best")
+                shutil.copytree(Path(keep.name) / "best", folder / "best")
+
+        if c["progress"] and rank == 0:
+            print(f"[dpo {c['name']}] epoch {epoch}/{c['epochs']} done: " + json.dumps(row), flush=True)
+        report_epoch(epoch, row, {"history": history, "fingerprint": c["fingerprint"],
+                                  **({"best_epoch": stopper.best_epoch} if t.patience else {})},
+                     rank=rank, write=write, every_rank=True)
         if c["stop_after_epoch"] is not None and epoch >= c["stop_after_epoch"]:
             break
     return {"history": history}
@@ -307,8 +346,10 @@ def _features(cfg: Config, objective, pairs: list[dict], run_dir: Path, init_ada
 def train_dpo(cfg: Config, pairs: list[dict], *, storage_dir: Path, name: str, init_adapter: str | None = None,
               stop_after_epoch: int | None = None, progress: bool = True) -> dict:
     """DPO-train a LoRA adapter on ``pairs`` (dicts with prompt/chosen/rejected). Returns
-    ``{"adapter": <folder>, "model": <folder>, "history": [...], "finished": bool}``, the last epoch's weights:
-    LoRA: the adapter folder (both keys); full fine-tuning: a model folder (``adapter`` None)."""
+    ``{"adapter": <folder>, "model": <folder>, "history": [...], "finished": bool, "best_epoch": int | None}``,
+    the last epoch's weights, or with early stopping (``align.train.patience``) the best epoch's (``best_epoch``;
+    otherwise None): LoRA: the adapter folder (both keys); full fine-tuning: a model folder (``adapter`` None).
+    ``finished``: every epoch ran, or early stopping ended the run."""
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     import ray
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -323,13 +364,13 @@ def train_dpo(cfg: Config, pairs: list[dict], *, storage_dir: Path, name: str, i
     from sparserm.align.finetune import FINETUNE
 
     FINETUNE[t.finetune].check_init(init_adapter)
+    if t.patience and not t.val_fraction:
+        raise ValueError(f"{name}: align.train.patience stops on val loss: it needs align.train.val_fraction > 0")
+    held_out(len(pairs), t.val_fraction, cfg.run.seed)  # refuses a share that leaves nothing to train on
     ensure_ray(cfg.run.ray_address)
     max_tokens = a.generate.max_prompt_tokens + a.generate.max_new_tokens
     fingerprint = stable_hash(dpo_key(cfg, pairs, init_adapter))
-    stored = sorted(Path(storage_dir, name).glob("epoch_*/state.json"))
-    if stored and json.loads(stored[-1].read_text())["fingerprint"] != fingerprint:
-        raise ValueError(f"{Path(storage_dir, name)} holds a DPO run on other pairs or settings; "
-                         f"resume it unchanged, or use a new output directory")
+    refuse_other_run(Path(storage_dir, name), fingerprint, WHAT)
     use_gpu = t.num_gpus > 0
     features = _features(cfg, objective, pairs, Path(storage_dir, name), init_adapter, progress)
     c = {"features": features, "align": to_dict(a), "model": to_dict(cfg.model), "cache_dir": cfg.run.cache_dir,
@@ -352,6 +393,7 @@ def train_dpo(cfg: Config, pairs: list[dict], *, storage_dir: Path, name: str, i
         raise RuntimeError(f"dpo {name!r}: no epoch finished, so there is no checkpoint")
     ckpt = Path(result.checkpoint.path)
     state = json.loads((ckpt / "state.json").read_text())
-    folder = ckpt / FINETUNE[t.finetune].folder  # LoRA: the adapter; full: a model folder
+    folder = ckpt / ("best" if t.patience else FINETUNE[t.finetune].folder)  # LoRA: an adapter; full: a model
     return {"adapter": str(folder) if t.finetune == "lora" else None, "model": str(folder), "history": state["history"],
-            "finished": int(state["epoch"]) >= t.epochs}
+            "finished": int(state["epoch"]) >= t.epochs or "stopped_early_at" in state["history"][-1],
+            "best_epoch": state.get("best_epoch")}

@@ -17,8 +17,8 @@ RewardScorer:
   (``align.evaluate.harmless_likelihood``, ties wrong), on ``fpo.heldout_pairs`` pairs;
 - ``entropy``: the mean over sampled generations (``align.generate`` sampling, ``fpo.entropy_prompts`` held-out
   prompts) of the mean per-token predictive entropy (nats, full softmax at temperature 1) of the policy along
-  its own response: (1/|y|) sum_t H(pi(. | x, y_<t)); an empty response counts its first position. It is the
-  FPO/TDPO papers' diversity measure (their ~1.6-1.7 nats are on this scale; n-gram entropy is not);
+  its own response: (1/|y|) sum_t H(pi(. | x, y_<t)); an empty response counts its first position. Why: FPO
+  follows TDPO in measuring diversity by the policy's predictive entropy on its own samples (exact per step);
 - ``win_rate``: on ``fpo.winrate_prompts`` held-out prompts, the share where the SparseRM scores the policy's
   generation above the base model's (ties 1/2; the base is 0.5 by definition);
 - ``mc1`` / ``mc2``: TruthfulQA as lm-eval computes them (``align.truthfulqa_mc``), ``fpo.mc_questions``
@@ -50,7 +50,7 @@ from pathlib import Path
 
 import ray
 
-from sparserm.config import Config, to_dict
+from sparserm.config import Config, ConfigError
 from sparserm.manifest import check_key, folder_hash, model_key, read_jsonl, stable_hash, write_json, write_jsonl
 
 BASE = "base"
@@ -74,19 +74,20 @@ def sae_of_rm(rm_dir: str) -> str | None:
 
 def with_sae(cfg: Config, rm_dir: str) -> tuple[Config, str]:
     """``cfg`` with ``align.loss.fpo_sae_dir`` set (the RM's SAE when unset) and where it came from."""
-    loss = cfg.align.loss
-    if loss.fpo_sae_dir:
-        return cfg, "align.loss.fpo_sae_dir"
     from sparserm.align.objectives import get_objective
     from sparserm.align.references import uses_features
 
+    loss = cfg.align.loss
     if not any(uses_features(get_objective(m)) for m in cfg.fpo.methods):
         return cfg, "unused"
+    if loss.fpo_sae_dir:
+        return cfg, "align.loss.fpo_sae_dir"
     sae = sae_of_rm(rm_dir)
     if sae is None:
         raise ValueError(f"align.loss.fpo_sae_dir is unset and the reward model {rm_dir} records no SAE folder "
                          "(a registry SAE, or a hand-made RM): set align.loss.fpo_sae_dir to a sae-lens SAE folder")
-    return replace(cfg, align=replace(cfg.align, loss=replace(loss, fpo_sae_dir=sae))), f"the reward model's SAE ({rm_dir})"
+    cfg = replace(cfg, align=replace(cfg.align, loss=replace(loss, fpo_sae_dir=sae)))
+    return cfg, f"the reward model's SAE ({rm_dir})"
 
 
 def method_config(cfg: Config, name: str) -> Config:
@@ -193,7 +194,7 @@ class FPOCompare:
         stored = {"key": key, "history": res["history"], "seconds": round(time.time() - t0, 1)}
         write_json(done, stored)
         last = res["history"][-1]
-        log(f"train {name}: {len(self.data.train)} pairs x {len(res['history'])} epochs in {stored['seconds']} s, "
+        log(f"train {name}: {len(self.data.train)} pairs x {len(res['history'])} epoch(s) in {stored['seconds']} s, "
             f"loss {last['loss']:.4f}, reward accuracy {last['reward_accuracy']:.3f}")
         return stored
 
@@ -289,6 +290,9 @@ def run_fpo_compare(cfg: Config, out: Path) -> dict:
     from sparserm.reward.train_head import ensure_ray
 
     t0 = time.time()
+    if getattr(cfg.align.train, "finetune", "lora") != "lora":
+        raise ConfigError(f"align.train.finetune={cfg.align.train.finetune!r}: `sparserm fpo` compares LoRA adapters "
+                          "on one policy actor (set_adapter); use lora")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ensure_ray(cfg.run.ray_address)
@@ -298,7 +302,7 @@ def run_fpo_compare(cfg: Config, out: Path) -> dict:
     data = compare_data(cfg)
     t = cfg.align.train
     steps = -(-len(data.train) // t.batch_size) * t.epochs
-    log(f"{', '.join(cfg.fpo.methods)} on {len(data.train)} training pairs x {t.epochs} epochs ({steps} steps "
+    log(f"{', '.join(cfg.fpo.methods)} on {len(data.train)} training pairs x {t.epochs} epoch(s) ({steps} steps "
         f"each); {len(data.heldout)} held-out pairs, {len(data.prompts)} prompts, {len(data.mc)} MC questions; "
         f"SAE {sae.get('dir')} layer {sae.get('layer')} from {sae_from}")
     write_manifest(out, cfg, "fpo", extra={"rm_dir": rm_dir, "fpo_sae": {**sae, "resolved_from": sae_from},

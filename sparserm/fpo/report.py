@@ -14,7 +14,8 @@ COLUMNS = ("method", *METRICS, *TRAIN)
 DEFINITIONS = {
     "accuracy": "held-out pairs where the length-normalised log-prob of chosen is above rejected's (ties wrong)",
     "entropy": "mean over sampled generations of the mean per-token predictive entropy (nats, full softmax) of the "
-               "policy along its own response, as the FPO/TDPO papers measure diversity",
+               "policy along its own response (FPO, after TDPO, measures diversity by the policy's predictive entropy "
+               "on its own samples)",
     "win_rate": "held-out prompts where SparseRM scores the policy's generation above the base model's (ties 1/2)",
     "mc1": "TruthfulQA MC1 as lm-eval's truthfulqa_mc1", "mc2": "TruthfulQA MC2 as lm-eval's truthfulqa_mc2",
     "peak_rss_mb_above_baseline": "trainer history: peak host memory above the worker's baseline (max over epochs)",
@@ -36,7 +37,8 @@ def train_row(cfg: Config, name: str, stored: dict) -> dict:
     rss, gpu, sps = present("peak_rss_mb_above_baseline"), present("peak_gpu_mb"), present("seconds_per_step")
     return {"beta": get_objective(name).beta_of(cfg.align.loss), "epochs": len(hist),
             "steps": hist[-1].get("global_step"), "train_loss": hist[-1]["loss"],
-            "train_reward_accuracy": hist[-1]["reward_accuracy"], "peak_rss_mb_above_baseline": max(rss) if rss else None,
+            "train_reward_accuracy": hist[-1]["reward_accuracy"],
+            "peak_rss_mb_above_baseline": max(rss) if rss else None,
             "peak_gpu_mb": max(gpu) if gpu else None, "seconds_per_step": sum(sps) / len(sps) if sps else None,
             "train_seconds": stored.get("seconds")}
 
@@ -88,13 +90,13 @@ def write_report(out: Path, cfg: Config, result: dict, sae: dict | None = None) 
     diffs = paired_intervals({n: ev["per_item"] for n, ev in evals.items()}, cfg.fpo.bootstrap, cfg.run.seed)
     t = cfg.align.train
     setup = {"methods": list(cfg.fpo.methods), "n_train_pairs": result["n_train_pairs"],
-             "epochs": t.epochs, "batch_size": t.batch_size, "lr": t.lr, "finetune": t.finetune,
+             "epochs": t.epochs, "batch_size": t.batch_size, "lr": t.lr,
              "lora_r": t.lora.r, "sae": sae or {}, "bootstrap": cfg.fpo.bootstrap}
     report = {"setup": setup, "rows": rows, "paired_differences": diffs, "definitions": DEFINITIONS}
     write_json(out / "fpo.json", report)
     text = ["# FPO against DPO, SimPO and TDPO-2", "",
-            f"Every method: the same {setup['n_train_pairs']} training pairs, {t.epochs} epochs of batch "
-            f"{t.batch_size} at lr {t.lr} ({t.finetune}, LoRA r {t.lora.r}) from the base model; only "
+            f"Every method: the same {setup['n_train_pairs']} training pairs, {t.epochs} epoch(s) of batch "
+            f"{t.batch_size} at lr {t.lr} (LoRA r {t.lora.r}) from the base model; only "
             f"`align.loss.name` differs (beta: each objective's default unless `align.loss.beta` is set). "
             f"FPO's SAE: {(sae or {}).get('dir')} at layer {(sae or {}).get('layer')} "
             f"(from {(sae or {}).get('resolved_from')}).", "", table_md(rows), ""]

@@ -26,7 +26,7 @@ def fit_head(cfg: Config, rd: RewardData, out_dir: Path, *, inputs: str = "topk"
     return train_head(head_inputs(inputs, rd, rd.train), head_inputs(inputs, rd, rd.val), loss=loss or r.loss,
                       margin=r.margin, hidden=r.hidden, epochs=r.epochs, lr=r.lr, weight_decay=r.weight_decay,
                       batch_size=r.batch_size, num_workers=r.num_workers, num_cpus=r.num_cpus, num_gpus=r.num_gpus,
-                      seed=cfg.run.seed if seed is None else seed,
+                      seed=cfg.run.seed if seed is None else seed, patience=r.patience,
                       storage_dir=out_dir / "train", name=name, progress=progress, ray_address=cfg.run.ray_address)
 
 

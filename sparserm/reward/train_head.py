@@ -1,36 +1,46 @@
 """Train the reward head with Ray Train (``TorchTrainer``; gloo on CPU, DDP via ``prepare_model``).
 
 Each epoch every worker trains on its shard of the training pairs, then evaluates the whole (small)
-validation set, and all workers call ``ray.train.report``; rank 0 attaches a checkpoint folder:
+validation set, and all workers call ``ray.train.report``; rank 0 attaches a checkpoint folder
+(``sparserm.train_state.report_epoch``):
 
     epoch_NNNN/last/{head.safetensors,head.json}   weights after this epoch
     epoch_NNNN/best/{head.safetensors,head.json}   best weights so far (val accuracy, ties: lower val loss)
-    epoch_NNNN/optimizer.safetensors               AdamW state tensors (param groups live in state.json)
-    epoch_NNNN/state.json                          epoch, best_epoch, history, param groups, fingerprint
+    epoch_NNNN/optimizer/rank_0.{safetensors,json} AdamW state (``sparserm.align.optimizer_state``; every DDP
+                                                   rank holds the full state, so one file: rank 0, world 1)
+    epoch_NNNN/state.json                          epoch, best_epoch, history, fingerprint (, stopped_early_at)
 
 Only the latest checkpoint is kept (it carries the best head), so a run costs ~2 MB of storage.
 Resume: a run with the same ``storage_dir``/``name`` finds Ray Train's run snapshot there, so
 ``ray.train.get_checkpoint()`` returns the last finished epoch; the workers reload head, optimizer state,
 history and best head and continue at the next epoch. The shuffle of epoch e depends only on
 (seed, e), so a resumed run repeats exactly what an uninterrupted one would do. A stored run whose
-settings or data differ (``fingerprint``) is refused rather than silently continued.
+settings or data differ (``fingerprint``) is refused rather than silently continued. A checkpoint of
+before the shared optimizer format (``optimizer.safetensors`` + param groups in state.json) resumes with
+its head, history and best head, and its optimizer moments restart (the worker prints why).
+
+Early stopping (``patience`` > 0, ``reward.patience``): training stops once the best epoch (val accuracy,
+then lower val loss) has not improved for ``patience`` epochs; the returned head is still the best epoch's,
+and the last history row and the result carry ``stopped_early_at``. ``patience`` is not in the fingerprint
+(like ``epochs``, it says when to stop, not what an epoch computes).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
+from sparserm.align.optimizer_state import load_optimizer_state, save_optimizer_state
 from sparserm.reward.accuracy import pair_accuracy
 from sparserm.reward.head import RewardHead, head_state, load_head, save_head
 from sparserm.reward.losses import get_loss
+from sparserm.train_state import (OPTIMIZER_DIR, EarlyStopping, all_reduced, epoch_order, refuse_other_run,
+                                  report_epoch, resumed_checkpoint)
 
 __all__ = ["TrainHeadResult", "train_head", "ensure_ray", "fit_polling", "failure_config"]
 
@@ -43,6 +53,7 @@ class TrainHeadResult:
     checkpoint_dir: Path  # the run's latest checkpoint folder (its best/ holds ``head``)
     finished: bool = True  # False when stopped by ``stop_after_epoch`` before ``epochs``
     start_epoch: int = 1  # the first epoch this call trained (> 1 after a resume; epochs + 1: nothing left)
+    stopped_early_at: int | None = None  # the epoch early stopping (``patience``) ended the run at
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -88,29 +99,12 @@ def _pairs(d: dict, what: str) -> tuple[torch.Tensor, torch.Tensor]:
     return x_w, x_l
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
-    sd = opt.state_dict()
-    tensors = {f"state.{pid}.{k}": torch.as_tensor(v).detach().cpu().contiguous().clone()
-               for pid, st in sd["state"].items() for k, v in st.items()}
-    return tensors, sd["param_groups"]
+WHAT = "a reward-head run"
 
 
-def _optimizer_state(tensors: dict[str, torch.Tensor], param_groups: list) -> dict:
-    state: dict[int, dict] = {}
-    for key, t in tensors.items():
-        _, pid, k = key.split(".", 2)
-        state.setdefault(int(pid), {})[k] = t
-    return {"state": state, "param_groups": param_groups}
-
-
-def _stored_fingerprint(run_dir: Path) -> dict | None:
-    """Fingerprint in the newest ``epoch_*/state.json`` of an earlier run in ``run_dir`` (None: no run)."""
-    for p in sorted(run_dir.glob("epoch_*/state.json"), key=lambda q: q.parent.name, reverse=True):
-        try:
-            return json.loads(p.read_text())["fingerprint"]
-        except (OSError, ValueError, KeyError):
-            continue
-    return None
+def best_key(row: dict) -> tuple[float, float]:
+    """What makes an epoch's head better (higher): val accuracy, then lower val loss."""
+    return row["val_accuracy"], -row["val_loss"]
 
 
 def _train_loop(cfg: dict) -> dict:
@@ -118,7 +112,6 @@ def _train_loop(cfg: dict) -> dict:
     import ray
     import ray.train
     import ray.train.torch
-    import torch.distributed as dist
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -132,35 +125,30 @@ def _train_loop(cfg: dict) -> dict:
     head.x_mean.copy_(torch.tensor(cfg["x_mean"]))
     head.x_std.copy_(torch.tensor(cfg["x_std"]))
     history: list[dict] = []
-    best_epoch, best_state, opt_state = 0, None, None
-    ckpt = ray.train.get_checkpoint()
+    best_state = None
+    ckpt, state = resumed_checkpoint(cfg["fingerprint"], WHAT)
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            d = Path(d)
-            state = json.loads((d / "state.json").read_text())
-            if state["fingerprint"] != cfg["fingerprint"]:
-                raise ValueError(f"the stored run {cfg['name']!r} was trained with other settings or data "
-                                 f"({state['fingerprint']} vs {cfg['fingerprint']}); use a new name")
-            head.load_state_dict(load_head(d / "last").state_dict())
-            best_state = head_state(load_head(d / "best"))
-            opt_state = _optimizer_state(load_file(str(d / "optimizer.safetensors")), state["param_groups"])
-            history, best_epoch = state["history"], state["best_epoch"]
+            head.load_state_dict(load_head(Path(d) / "last").state_dict())
+            best_state = head_state(load_head(Path(d) / "best"))
+        history = state["history"]
     model = ray.train.torch.prepare_model(head, move_to_device=device)  # DDP when world > 1
     module = getattr(model, "module", model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    if opt_state is not None:
-        opt.load_state_dict(opt_state)
+    if ckpt is not None:  # every DDP rank steps the full state: one share, rank 0's of a world of 1
+        with ckpt.as_directory() as d:
+            why = load_optimizer_state(opt, Path(d) / OPTIMIZER_DIR, rank=0, world=1, stage=0)
+        if why is not None:
+            print(f"[train_head {cfg['name']}] rank {rank}: optimizer moments restart ({why})", flush=True)
 
     start_epoch = len(history) + 1
     n, per_bs = data["x_w"].shape[0], max(1, math.ceil(cfg["batch_size"] / world))
-    best_key = ((history[best_epoch - 1]["val_accuracy"], -history[best_epoch - 1]["val_loss"])
-                if best_epoch else None)
+    best = EarlyStopping(cfg["patience"], best_key, history)
     last = cfg["epochs"] if cfg["stop_after_epoch"] is None else min(cfg["epochs"], cfg["stop_after_epoch"])
     for epoch in range(start_epoch, last + 1):
-        g = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + epoch)  # same on every worker
-        perm = torch.randperm(n, generator=g)
-        perm = torch.cat([perm, perm[: (-n) % world]])  # pad so every shard has the same length
-        shard = perm[rank::world].to(device)
+        if best.stop:
+            break
+        shard = epoch_order(n, cfg["seed"], epoch, rank, world, multiple=world).to(device)  # equal shards
         model.train()
         total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, pair count
         for b in range(0, shard.numel(), per_bs):
@@ -171,8 +159,7 @@ def _train_loop(cfg: dict) -> dict:
             loss.backward()
             opt.step()
             total += torch.tensor([loss.item() * idx.numel(), idx.numel()], dtype=torch.float64, device=device)
-        if world > 1 and dist.is_initialized():
-            dist.all_reduce(total)
+        total = all_reduced(total, device, world)
         module.eval()
         with torch.no_grad():
             v_w, v_l = module(data["v_w"]), module(data["v_l"])
@@ -180,25 +167,24 @@ def _train_loop(cfg: dict) -> dict:
         row = {"epoch": epoch, "train_loss": float(total[0] / total[1]), "val_loss": val_loss,
                "val_accuracy": pair_accuracy(v_w.cpu(), v_l.cpu())}
         history.append(row)
-        if best_key is None or (row["val_accuracy"], -val_loss) > best_key:
-            best_key, best_epoch, best_state = (row["val_accuracy"], -val_loss), epoch, head_state(module)
+        if best.update(row):
+            best_state = head_state(module)
+        if best.stop:
+            row["stopped_early_at"] = epoch
         if cfg["progress"] and rank == 0:
             print(f"[train_head {cfg['name']}] epoch {epoch}/{cfg['epochs']} train_loss={row['train_loss']:.4f} "
-                  f"val_loss={val_loss:.4f} val_acc={row['val_accuracy']:.4f} (best {best_epoch})", flush=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
+                  f"val_loss={val_loss:.4f} val_acc={row['val_accuracy']:.4f} (best {best.best_epoch})"
+                  + (" stopped early" if best.stop else ""), flush=True)
+
+        def write(folder: Path) -> None:
             if rank == 0:
-                tmp_p = Path(tmp)
-                save_head(module, tmp_p / "last")
-                save_head(module, tmp_p / "best", state=best_state)
-                tensors, groups = _optimizer_tensors(opt)
-                save_file(tensors, str(tmp_p / "optimizer.safetensors"))
-                (tmp_p / "state.json").write_text(json.dumps(
-                    {"epoch": epoch, "best_epoch": best_epoch, "history": history, "param_groups": groups,
-                     "fingerprint": cfg["fingerprint"]}, indent=1))
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report({**row, "best_epoch": best_epoch}, checkpoint=checkpoint,
-                             checkpoint_dir_name=f"epoch_{epoch:04d}")
+                save_head(module, folder / "last")
+                save_head(module, folder / "best", state=best_state)
+                save_optimizer_state(opt, folder / OPTIMIZER_DIR, rank=0, world=1, stage=0)
+
+        report_epoch(epoch, {**row, "best_epoch": best.best_epoch},
+                     {"best_epoch": best.best_epoch, "history": history, "fingerprint": cfg["fingerprint"],
+                      **({"stopped_early_at": epoch} if best.stop else {})}, rank=rank, write=write)
     return {"start_epoch": start_epoch}  # rank 0's value becomes ``Result.return_value``
 
 
@@ -207,7 +193,7 @@ def train_head(train: dict, val: dict, *, loss: str = "margin", margin: float = 
                num_workers: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0, seed: int = 0,
                storage_dir: Path, name: str, progress: bool = True, max_failures: int = 0,
                stop_after_epoch: int | None = None, ray_address: str | None = None,
-               poll_interval_s: float = 0.1) -> TrainHeadResult:
+               poll_interval_s: float = 0.1, patience: int = 0) -> TrainHeadResult:
     """Train a :class:`RewardHead` on pairs ``{"x_w": [N, D], "x_l": [N, D]}`` with Ray Train.
 
     ``batch_size`` is the global batch (each of ``num_workers`` DDP workers takes ``ceil(batch/W)``);
@@ -218,6 +204,8 @@ def train_head(train: dict, val: dict, *, loss: str = "margin", margin: float = 
     ``poll_interval_s``: Ray Train's controller polls workers at this interval, and every
     ``ray.train.report`` waits for a poll (Ray's default of 2 s would make a 30-epoch head take a
     minute); used unless ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` is set in the environment.
+    ``patience`` > 0: stop once the best epoch has not improved for that many epochs (``stopped_early_at``;
+    the result is then ``finished``); 0: train every epoch.
     Returns the head of the best epoch (val accuracy, ties → lower val loss; complete ties → earlier).
     """
     import ray
@@ -234,18 +222,14 @@ def train_head(train: dict, val: dict, *, loss: str = "margin", margin: float = 
                    "weight_decay": weight_decay, "batch_size": batch_size, "seed": seed,
                    "n_train": int(x_w.shape[0]), "n_val": int(v_w.shape[0]),
                    "data_sum": float(f"{(x_w.double().sum() - 2 * x_l.double().sum()).item():.6g}")}
-    stored = _stored_fingerprint(Path(storage_dir) / name)
-    if stored is not None and stored != fingerprint:
-        changed = sorted(k for k in fingerprint if stored.get(k) != fingerprint[k])
-        raise ValueError(f"{Path(storage_dir) / name} holds a run with other settings or data (differs in "
-                         f"{', '.join(changed)}); resume it unchanged, or use a new name")
+    refuse_other_run(Path(storage_dir) / name, fingerprint, WHAT)
     ensure_ray(ray_address)
     data_ref = ray.put({"x_w": x_w.numpy(), "x_l": x_l.numpy(), "v_w": v_w.numpy(), "v_l": v_l.numpy()})
     cfg = {"data_ref": data_ref, "loss": loss, "margin": float(margin), "hidden": int(hidden),
            "in_dim": int(x_w.shape[1]), "epochs": int(epochs), "lr": float(lr), "weight_decay": float(weight_decay),
            "batch_size": int(batch_size), "seed": int(seed), "name": name, "progress": bool(progress),
            "x_mean": stats.x_mean.tolist(), "x_std": stats.x_std.tolist(), "fingerprint": fingerprint,
-           "stop_after_epoch": stop_after_epoch}
+           "stop_after_epoch": stop_after_epoch, "patience": int(patience)}
     use_gpu = num_gpus > 0
     trainer = TorchTrainer(
         _train_loop, train_loop_config=cfg,
@@ -262,12 +246,14 @@ def train_head(train: dict, val: dict, *, loss: str = "margin", margin: float = 
         raise RuntimeError(f"train_head {name!r}: no epoch finished, so there is no checkpoint")
     ckpt_dir = Path(result.checkpoint.path)
     state = json.loads((ckpt_dir / "state.json").read_text())
+    stopped = state.get("stopped_early_at")
     out = TrainHeadResult(head=load_head(ckpt_dir / "best").eval(), best_epoch=int(state["best_epoch"]),
                           history=list(state["history"]), checkpoint_dir=ckpt_dir,
-                          finished=int(state["epoch"]) >= epochs,
-                          start_epoch=int((result.return_value or {}).get("start_epoch", 1)))
+                          finished=int(state["epoch"]) >= epochs or stopped is not None,
+                          start_epoch=int((result.return_value or {}).get("start_epoch", 1)), stopped_early_at=stopped)
     if progress:  # the per-epoch lines come from the rank-0 worker (seen only with log_to_driver)
         best = out.history[out.best_epoch - 1]
-        print(f"[train_head {name}] trained epochs {out.start_epoch}..{state['epoch']} of {epochs}; best epoch "
+        print(f"[train_head {name}] trained epochs {out.start_epoch}..{state['epoch']} of {epochs}"
+              + (" (stopped early)" if stopped else "") + f"; best epoch "
               f"{out.best_epoch}: val_acc={best['val_accuracy']:.4f} val_loss={best['val_loss']:.4f}", flush=True)
     return out

@@ -89,3 +89,15 @@ def test_job_resumes_in_round_two(job_cfg, ray_session, tmp_path, monkeypatch):
         run_align(faster, out)
     placed = replace(fewer, align=replace(fewer.align, train=replace(fewer.align.train, num_cpus=0.5)))
     assert not run_align(placed, out)["stopped"]  # where a worker runs is no training setting
+
+
+def test_full_finetuning_is_refused_by_the_loop_naming_the_key(job_cfg, tmp_path):
+    from dataclasses import replace
+
+    from sparserm.align.rounds import AlignJob
+    from sparserm.config import ConfigError
+
+    full = replace(job_cfg, align=replace(job_cfg.align, train=replace(job_cfg.align.train, finetune="full")))
+    with pytest.raises(ConfigError, match="align.train.finetune=full"):
+        AlignJob(full, tmp_path / "align", job_cfg.align.rm_dir)
+    assert not (tmp_path / "align").exists()  # refused before anything was written

@@ -194,3 +194,52 @@ def test_simpo_trains_without_a_reference_pass(tiny_align_config, ray_session, t
     assert resumed["finished"] and resumed["history"][0] == h1
     assert not (Path(resumed["adapter"]).parent / "reference.safetensors").exists()
     assert resumed["history"][1]["loss"] < h1["loss"]
+
+
+def test_early_stopping_on_held_out_pairs_returns_the_best_epochs_adapter(tiny_align_config, ray_session, tmp_path,
+                                                                          dpo_pairs):
+    """The held-out pairs (a quarter, drawn by the seed) prefer the other response: as training learns its
+    pairs, val loss rises, so patience 1 stops after epoch 2 of 4 and epoch 1's adapter is returned, also when
+    the run was interrupted after epoch 1 and resumed (best/ travels in every checkpoint)."""
+    from sparserm.align.trainer import train_dpo
+    from sparserm.train_state import held_out
+
+    cfg = tiny_align_config("align.train.epochs=4", "align.train.lr=5e-3", "align.train.val_fraction=0.25",
+                            "align.train.patience=1")
+    _, val = held_out(len(dpo_pairs), 0.25, cfg.run.seed)
+    pairs = [dict(p, chosen=p["rejected"], rejected=p["chosen"]) if i in val else p for i, p in enumerate(dpo_pairs)]
+    first = train_dpo(cfg, pairs, storage_dir=tmp_path, name="es", stop_after_epoch=1, progress=False)
+    assert Path(first["adapter"]).name == "best" and first["best_epoch"] == 1 and not first["finished"]
+    epoch1 = load_file(str(Path(first["adapter"]) / "adapter_model.safetensors"))
+    last1 = load_file(str(Path(first["adapter"]).parent / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(epoch1[k], last1[k]) for k in last1)  # epoch 1 is the best so far
+
+    res = train_dpo(cfg, pairs, storage_dir=tmp_path, name="es", progress=False)
+    h = res["history"]
+    assert res["finished"] and [r["epoch"] for r in h] == [1, 2] and h[0] == first["history"][0]
+    assert h[-1]["stopped_early_at"] == 2 and res["best_epoch"] == 1
+    assert all(r["n_pairs"] == 6 and r["n_val"] == 2 and 0 <= r["val_reward_accuracy"] <= 1 for r in h)
+    assert h[1]["val_loss"] > h[0]["val_loss"] and h[1]["loss"] < h[0]["loss"]
+    best = load_file(str(Path(res["adapter"]) / "adapter_model.safetensors"))
+    last = load_file(str(Path(res["adapter"]).parent / "adapter" / "adapter_model.safetensors"))
+    assert Path(res["adapter"]).name == "best" and sorted(best) == sorted(epoch1)
+    assert all(torch.equal(best[k], epoch1[k]) for k in best)  # the best epoch's adapter, not the last one's
+    assert any(not torch.equal(best[k], last[k]) for k in best)
+
+
+def test_validation_settings_stay_out_of_the_keys_at_their_defaults(tiny_align_config, dpo_pairs, tmp_path):
+    """Keys of runs made before validation existed still match; a share of 0.5 or more, or patience without
+    held-out pairs, is refused before any work."""
+    from sparserm.align.rounds import PLACEMENT, _without
+    from sparserm.align.trainer import dpo_key, train_dpo
+    from sparserm.config import ConfigError, to_dict
+
+    cfg = tiny_align_config()
+    assert not {"val_fraction", "patience"} & set(dpo_key(cfg, dpo_pairs, None)["train"])
+    assert "patience" not in _without(to_dict(cfg.reward), PLACEMENT)  # the reward model's key (`align`)
+    on = dpo_key(tiny_align_config("align.train.val_fraction=0.25", "align.train.patience=1"), dpo_pairs, None)
+    assert (on["train"]["val_fraction"], on["train"]["patience"]) == (0.25, 1)
+    with pytest.raises(ConfigError, match="val_fraction"):
+        tiny_align_config("align.train.val_fraction=0.5")
+    with pytest.raises(ValueError, match="needs align.train.val_fraction"):
+        train_dpo(tiny_align_config("align.train.patience=2"), dpo_pairs, storage_dir=tmp_path, name="x")

@@ -60,7 +60,7 @@ def test_checkpoint_is_safetensors_and_json_only(full_run):
     assert ckpt.name == "epoch_0004"
     files = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file())
     assert files == ["best/head.json", "best/head.safetensors", "last/head.json", "last/head.safetensors",
-                     "optimizer.safetensors", "state.json"]
+                     "optimizer/rank_0.json", "optimizer/rank_0.safetensors", "state.json"]
 
 
 def test_resume_continues_from_last_finished_epoch(data, storage, full_run):
@@ -98,3 +98,30 @@ def test_refuses_to_resume_a_run_with_other_settings(data, tmp_path):
         train_head(train, val, storage_dir=tmp_path, name="old", **KW)
     with pytest.raises(ValueError, match="unknown loss"):
         train_head(train, val, storage_dir=tmp_path, name="new", loss="hinge", **KW)
+
+
+def test_early_stopping_returns_the_best_head_and_a_resumed_run_stops_at_the_same_epoch(ray_session, data,
+                                                                                        tmp_path):
+    """Validation pairs whose preference is the training signal reversed: the better the head learns, the worse
+    its val accuracy and the higher its val loss, so the best epoch is the first and patience 2 stops after
+    epoch 3 of 8. Interrupted after epoch 2 (as an unbroken run is there) and resumed, it stops at 3 all the same
+    (the stopper replays the stored history) and returns epoch 1's head."""
+    from sparserm.reward.accuracy import pair_accuracy
+    from sparserm.reward.losses import get_loss
+
+    train, _ = data
+    gen = torch.Generator().manual_seed(1)
+    val = {"x_w": (v := _pairs(60, gen))["x_l"], "x_l": v["x_w"]}  # reversed
+    kw = {**KW, "epochs": 8, "lr": 1e-2, "patience": 2}
+    first = train_head(train, val, storage_dir=tmp_path, name="es", stop_after_epoch=2, **kw)
+    assert not first.finished and first.stopped_early_at is None and first.best_epoch == 1
+    r = train_head(train, val, storage_dir=tmp_path, name="es", **kw)
+    rows = r.history
+    assert r.start_epoch == 3 and r.stopped_early_at == 3 and r.finished and [h["epoch"] for h in rows] == [1, 2, 3]
+    assert rows[:2] == first.history and rows[-1]["stopped_early_at"] == 3
+    assert r.best_epoch == 1 and rows[2]["val_loss"] > rows[1]["val_loss"] > rows[0]["val_loss"]
+    assert rows[2]["val_accuracy"] <= rows[0]["val_accuracy"]
+    with torch.no_grad():  # the returned head is epoch 1's, not the last one
+        s_w, s_l = r.head(val["x_w"]), r.head(val["x_l"])
+    assert pair_accuracy(s_w, s_l) == pytest.approx(rows[0]["val_accuracy"])
+    assert get_loss("margin")(s_w, s_l, margin=1.0).item() == pytest.approx(rows[0]["val_loss"], rel=1e-5)
