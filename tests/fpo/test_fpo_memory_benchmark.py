@@ -1,7 +1,8 @@
-"""benchmarks/fpo_memory.py without training: its argument parsing, the overrides each run gets, and the ratios,
-targets and last-line JSON computed from fake history rows."""
+"""benchmarks/fpo_memory.py without training: its argument parsing, the overrides each run gets
+(benchmarks/fpo_memory_runs.py), and the ratios, targets and last-line JSON computed from fake history rows."""
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import sys
@@ -19,6 +20,11 @@ def bench():
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="module")
+def runs_mod(bench):  # the benchmark's per-run module (bench puts the repository on sys.path)
+    return importlib.import_module("benchmarks.fpo_memory_runs")
 
 
 def _run(finetune, method, peak, sps, copy=False, ref_steps=0, micro=6, gpu=None):
@@ -43,14 +49,15 @@ def test_defaults_and_options(bench):
             bench.parse_args(bad)
 
 
-def test_each_method_gets_its_settings(bench, tmp_path):
+def test_each_method_gets_its_settings(bench, runs_mod, tmp_path):
     a = bench.parse_args(["--max-tokens", "160", "--set", "align.train.deepspeed_stage=1"])
-    ov = {m: bench.run_overrides(a, m, "full", "embedded", None, str(tmp_path), False) for m in bench.METHODS}
+    ov = {m: runs_mod.run_overrides(a, m, "full", "embedded", None, str(tmp_path), False) for m in bench.METHODS}
     assert "align.train.reference_online=true" in ov["dpo"]
     assert "align.loss.name=tdpo2" in ov["tdpo2"] and "align.loss.name=simpo" in ov["simpo"]
     assert f"align.loss.fpo_sae_dir={tmp_path}" in ov["fpo"]
     for o in ov.values():
-        assert "align.train.finetune=full" in o and "align.train.epochs=1" in o and o[-1] == "align.train.deepspeed_stage=1"
+        assert "align.train.finetune=full" in o and "align.train.epochs=1" in o
+        assert o[-1] == "align.train.deepspeed_stage=1"  # --set comes last
         prompt = int(next(x for x in o if x.startswith("align.generate.max_prompt_tokens=")).split("=")[1])
         new = int(next(x for x in o if x.startswith("align.generate.max_new_tokens=")).split("=")[1])
         assert prompt + new == 160
@@ -59,7 +66,7 @@ def test_each_method_gets_its_settings(bench, tmp_path):
 
     for o in ov.values():
         load_config(None, o)
-    assert "align.train.num_gpus=0.5" in bench.run_overrides(a, "fpo", "lora", "embedded", None, "x", True)
+    assert "align.train.num_gpus=0.5" in runs_mod.run_overrides(a, "fpo", "lora", "embedded", None, "x", True)
 
 
 def test_ratios_targets_and_checks_on_fake_rows(bench):
@@ -99,11 +106,27 @@ def test_gpu_memory_missing_fields_and_failed_runs(bench):
     assert "FAILED" in bench.run_line(runs[2], True)
 
 
-def test_cpu_info_and_pairs(bench):
+def test_cpu_info_and_pairs(bench, runs_mod):
     info = bench.cpu_info()
     assert set(info) >= {"model_name", "avx512", "amx"}
-    pairs = bench.synthetic_pairs(5)
-    assert len(pairs) == 5 and pairs == bench.synthetic_pairs(5)
-    got, source = bench.load_benchmark_pairs(3)
+    pairs = runs_mod.synthetic_pairs(5)
+    assert len(pairs) == 5 and pairs == runs_mod.synthetic_pairs(5)
+    got, source = runs_mod.load_benchmark_pairs(3)
     assert len(got) == 3 and set(got[0]) == {"prompt", "chosen", "rejected"}
-    assert got == bench.load_benchmark_pairs(3)[0]  # the same pairs for every run
+    assert got == runs_mod.load_benchmark_pairs(3)[0]  # the same pairs for every run
+
+
+def test_repeats_are_taken_at_their_median(bench):
+    assert bench.parse_args(["--repeats", "3", "--retries", "0"]).repeats == 3
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--repeats", "0"])
+    runs = [{**_run("lora", "simpo", p, t), "repeat": k} for k, (p, t) in enumerate([(900, 1.0), (1000, 3.0),
+                                                                                      (950, 1.2)], 1)]
+    runs += [{**_run("lora", "fpo", p, t), "repeat": k} for k, (p, t) in enumerate([(990, 1.1), (1100, 1.3)], 1)]
+    runs.append({"finetune": "lora", "method": "fpo", "repeat": 3, "row": None, "error": "exit 1"})
+    s = bench.summarize(runs, use_gpu=False)
+    assert s["medians"]["lora_simpo"] == {"peak_mb": 950, "seconds_per_step": 1.2, "runs": 3, "runs_measured": 3}
+    assert s["medians"]["lora_fpo"]["peak_mb"] == 1045 and s["medians"]["lora_fpo"]["runs_measured"] == 2
+    assert s["lora_fpo_vs_simpo_peak_memory"] == 1.1 and s["lora_fpo_vs_simpo_step_time"] == 1.0
+    assert s["checks"] == {"lora_simpo": True, "lora_fpo": None}  # one FPO run has no row
+    assert "#2" in bench.run_line(runs[1], False)
