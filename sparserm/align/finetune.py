@@ -10,7 +10,8 @@
   under ZeRO-3 the partitioned parameters are gathered on every rank, and rank 0 writes);
 - ``folder``: the checkpoint subfolder (``adapter`` or ``model``), and ``adapter_off(module)``: a context in
   which the module computes as the untuned base (LoRA: the adapter disabled; full: none exists, so
-  ``None``: a reference other than the starting weights then needs a second copy).
+  ``None``: a reference other than the starting weights then needs a second copy), and ``can_switch_off``:
+  whether ``adapter_off`` gives one.
 
 Full fine-tuning starts from the base weights; ``init`` (a previous round's weights) is LoRA's only.
 """
@@ -31,7 +32,7 @@ def _gathered(model, stage: int):
 
 
 class LoraWeights:
-    name, folder = "lora", "adapter"
+    name, folder, can_switch_off = "lora", "adapter", True
 
     def check_init(self, init: str | None) -> None:
         pass  # any saved adapter continues
@@ -64,7 +65,7 @@ class LoraWeights:
 
 
 class FullWeights:
-    name, folder = "full", "model"
+    name, folder, can_switch_off = "full", "model", False
 
     def check_init(self, init: str | None) -> None:
         if init:

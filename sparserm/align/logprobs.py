@@ -62,14 +62,9 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def response_logprobs(model, batch: SequenceBatch, average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum (``average``: mean) over response tokens of log p(token | everything before it), [B] float32, and
     the response token counts [B] (float32, exact: counted in integers), as ``group_logprobs`` returns them."""
-    keep = batch.n_response + 1
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                use_cache=False, logits_to_keep=keep)
-    logits = out.logits[:, -keep:-1]  # predicts the last n_response tokens
-    targets = batch.input_ids[:, -batch.n_response:]
-    mask = batch.response_mask[:, -batch.n_response:]
-    lp = (token_logprobs(logits, targets) * mask).sum(1)  # float32 (token_logprobs upcasts the logits)
-    counts = mask.sum(1).to(lp.dtype)
+    from sparserm.align.pair_forward import forward_batch
+
+    lp, counts, _, _ = forward_batch(model, batch)
     return (lp / counts.clamp(min=1) if average else lp), counts
 
 

@@ -103,10 +103,29 @@ def _as_base(ctx: ReferenceContext):
     return ctx.weights.adapter_off(ctx.engine.module) or contextlib.nullcontext()
 
 
+def frozen_reference(model_cfg: dict, cache_dir: str, device, adapter: str | None, dtype: torch.dtype):
+    """The base model, plus ``adapter`` when given (applied as peft applies it to the policy), its floating
+    parameters cast to ``dtype`` as DeepSpeed casts the policy's, in eval mode with no gradients: the reference
+    the FPO cache pass and an online reference copy both compute with."""
+    from sparserm.config import ModelConfig, build
+    from sparserm.model.backbone import load_causal_lm
+
+    model, tok = load_causal_lm(build(ModelConfig, model_cfg), cache_dir, device)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    for p in model.parameters():
+        p.requires_grad_(False)
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    return model.eval(), tok
+
+
 class OnlineReference:
     """A reference forward at every micro-batch. Through the trained weights with LoRA's adapter off where that
     is the reference (the base: ``align.reference: base``, or a first round); otherwise (full fine-tuning, or
-    a round that starts from an adapter) a second, frozen copy: the base weights, plus that adapter merged."""
+    a round that starts from an adapter) a second, frozen copy: the base weights, plus that adapter."""
 
     kind, needs = "sequence_online", frozenset()
 
@@ -114,18 +133,10 @@ class OnlineReference:
         self.ctx, self.forwards, self.forwards_in_steps = ctx, 0, 0
         base_is_reference = ctx.reference == "base" or not ctx.init_adapter
         self.copy = None
-        if not (base_is_reference and ctx.weights.adapter_off(ctx.engine.module) is not None):
-            from sparserm.config import ModelConfig, build
-            from sparserm.model.backbone import load_causal_lm
-
-            copy, _ = load_causal_lm(build(ModelConfig, ctx.model), ctx.cache_dir, ctx.device)
-            if not base_is_reference:
-                from peft import PeftModel
-
-                copy = PeftModel.from_pretrained(copy, ctx.init_adapter).merge_and_unload()
-            self.copy = copy.to(next(ctx.engine.module.parameters()).dtype).eval()
-            for p in self.copy.parameters():
-                p.requires_grad_(False)
+        if not (base_is_reference and ctx.weights.can_switch_off):
+            dtype = next(ctx.engine.module.parameters()).dtype
+            self.copy, _ = frozen_reference(ctx.model, ctx.cache_dir, ctx.device,
+                                            None if base_is_reference else ctx.init_adapter, dtype)
 
     def for_batch(self, idx: list[int], dtype) -> PairForward:
         ctx = self.ctx

@@ -83,31 +83,19 @@ def _sparse(row: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return nz[order].cpu().numpy().astype(np.int32), vals[order].cpu().numpy().astype(np.float32)
 
 
-def _cast_params(model, dtype: torch.dtype) -> None:
-    """DeepSpeed's mixed-precision cast: floating parameters to ``dtype``, buffers untouched."""
-    for p in model.parameters():
-        if p.is_floating_point() and p.dtype != dtype:
-            p.data = p.data.to(dtype)
-
-
 class ReferencePass:
     """Callable class for ``Dataset.map_batches``: the reference model (+ adapter) and the SAE, loaded once
     per actor; each call (one block = one forward) returns the cache rows of its pairs as a pyarrow table."""
 
     def __init__(self, model_cfg: dict, cache_dir: str, adapter: str | None, sae_dir: str, layer: int,
                  max_tokens: int, dtype: str, use_gpu: bool):
-        from sparserm.model.backbone import DTYPES, load_causal_lm
+        from sparserm.align.references import frozen_reference
+        from sparserm.model.backbone import DTYPES
         from sparserm.sae.autoencoder import SparseAutoencoder
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model_cfg = build(ModelConfig, model_cfg)
-        model, self.tok = load_causal_lm(self.model_cfg, cache_dir, self.device)
-        if adapter is not None:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, adapter)
-        _cast_params(model, DTYPES[dtype])
-        self.model = model.eval()
+        self.model, self.tok = frozen_reference(model_cfg, cache_dir, self.device, adapter, DTYPES[dtype])
         self.sae = SparseAutoencoder.load(sae_dir, self.device)
         self.layer, self.max_tokens = layer, max_tokens
 
