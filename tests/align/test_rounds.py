@@ -18,7 +18,7 @@ def job_cfg(tiny_model_dir, cache_dir, shared_data, tmp_path_factory):
     return load_config(None, [
         f"model.name={tiny_model_dir}", f"run.cache_dir={cache_dir}", f"align.rm_dir={rm}", "align.rounds=2",
         "align.train.epochs=2", "align.train.batch_size=4", "align.train.micro_batch_size=2", "align.generate.max_new_tokens=8",
-        "align.generate.max_prompt_tokens=96", "align.prompts_per_round=3", "align.eval.mc_questions=3",
+        "align.generate.max_prompt_tokens=96", "align.prompts_per_round=8", "align.eval.mc_questions=3",
         "align.eval.hh_pairs=3", "align.eval.winrate_prompts=4",
         f"data.sources=[{{path: {shared_data}/hh_rlhf_harmless.jsonl.gz}}, {{path: {shared_data}/truthfulqa.csv}}]"])
 
