@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 METHODS = ("dpo", "tdpo2", "simpo", "fpo")
 # copied from each run's first history row
-ROW_FIELDS = ("peak_rss_mb_above_baseline", "peak_gpu_mb", "seconds_per_step", "reference_copy",
+ROW_FIELDS = ("peak_rss_mb_above_baseline", "peak_gpu_mb", "seconds_per_step", "cpu_seconds_per_step", "reference_copy",
               "reference_forwards_in_steps", "model_forwards_in_steps", "policy_micro_batches", "reference_kind",
               "reference_forwards", "objective", "finetune", "dtype", "global_step", "loss", "n_pairs", "torch_threads")
 METHOD_OVERRIDES = {"dpo": ["align.loss.name=dpo", "align.train.reference_online=true"],

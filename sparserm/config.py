@@ -235,6 +235,9 @@ class TrainConfig:
     # benchmarks/fpo_memory.py measures FPO against)
     reference_online: bool = False
     deepspeed_stage: int = 2  # ZeRO stage 0-3
+    # recompute each block's activations in the backward instead of keeping them (transformers' own,
+    # non-reentrant): same losses and gradients, activation memory of one block instead of every block's
+    gradient_checkpointing: bool = False
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32; the reference runs in the same
     num_workers: int = 1
     num_cpus: NonNegativeFloat = 1.0

@@ -145,3 +145,17 @@ def held_out(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
         raise ValueError(f"holding out {fraction:g} of {n} pairs leaves none to train on")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003)).tolist()
     return sorted(perm[n_val:]), sorted(perm[:n_val])
+
+
+def rss_mb() -> float:
+    """This process's resident memory now, in MiB."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

@@ -54,8 +54,8 @@ from sparserm.align.objectives import get_objective
 from sparserm.align.pair_forward import pair_forward, tokenize_pairs, unwrap_causal_lm
 from sparserm.config import AlignConfig, Config, TrainConfig, to_dict
 from sparserm.manifest import model_key, stable_hash
-from sparserm.train_state import (OPTIMIZER_DIR, EarlyStopping, all_reduced, epoch_order, held_out,
-                                  refuse_other_run, report_epoch, resumed_checkpoint)
+from sparserm.train_state import (OPTIMIZER_DIR, EarlyStopping, all_reduced, epoch_order, held_out, peak_rss_mb,
+                                  refuse_other_run, report_epoch, resumed_checkpoint, rss_mb)
 
 __all__ = ["train_dpo", "ds_config", "adapter_hash", "dpo_key"]
 
@@ -87,8 +87,9 @@ def adapter_hash(folder: str | None) -> str | None:
     return stable_hash([file_sha256(Path(folder, f)) for f in ("adapter_model.safetensors", "adapter_config.json")])
 
 
-# where a run goes, not what it computes (num_workers stays: each worker's optimizer share is saved per rank)
-PLACEMENT_FIELDS = ("num_cpus", "num_gpus", "backend", "torch_threads")
+# where and how a run executes, not what it computes (num_workers stays: each worker's optimizer share is saved
+# per rank)
+PLACEMENT_FIELDS = ("num_cpus", "num_gpus", "backend", "torch_threads", "gradient_checkpointing")
 # fields added after runs were keyed: at these values they compute what the runs before them did, and stay out
 UNSET_WHEN = {"warmup_steps": 0, "finetune": "lora", "reference_online": False, "val_fraction": 0.0, "patience": 0}
 
@@ -114,18 +115,6 @@ def _features_key(loss_cfg) -> dict:
         return {}
     sae_dir, layer = feature_source(loss_cfg)
     return {"features": {"sae": folder_hash(sae_dir), "layer": layer}}
-
-
-def _rss_mb() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def frozen_checksum(model) -> float:
@@ -190,11 +179,13 @@ def _train_loop(c: dict) -> dict:
     t = a.train
     mcfg = build(ModelConfig, c["model"])
     weights = FINETUNE[t.finetune]
-    rss_before_model = _rss_mb()  # the worker's baseline: peak memory is reported above it
+    rss_before_model = rss_mb()  # the worker's baseline: peak memory is reported above it
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model, tok = load_causal_lm(mcfg, c["cache_dir"], device)
     model = weights.prepare(model, t, c["init_adapter"], c["seed"])
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base_sum = frozen_checksum(model)
     pairs = ray.get(c["pairs_ref"])
     seqs = tokenize_pairs(tok, pairs, c["max_tokens"], mcfg.chat_template)
@@ -256,7 +247,7 @@ def _train_loop(c: dict) -> dict:
         order = epoch_order(len(train_idx), c["seed"], epoch, rank, world, multiple=t.batch_size)
         shard = [train_idx[i] for i in order.tolist()]
         engine.train()
-        t_epoch = time.perf_counter()
+        t_epoch, cpu_epoch = time.perf_counter(), time.process_time()
         sums = torch.zeros(4, dtype=torch.float64)  # loss, correct, margin, count
         n_micro = math.ceil(len(shard) / micro)
         lrs = []  # the rate of each optimizer step of this epoch
@@ -281,7 +272,8 @@ def _train_loop(c: dict) -> dict:
                "base_checksum_after": frozen_checksum(engine.module) if t.deepspeed_stage < 3 else None,
                "lr": lrs, "global_step": global_step + len(lrs),
                "seconds_per_step": (time.perf_counter() - t_epoch) / max(1, len(lrs)),
-               "peak_rss_mb_above_baseline": _peak_rss_mb() - rss_before_model,
+               "cpu_seconds_per_step": (time.process_time() - cpu_epoch) / max(1, len(lrs)),  # all its threads
+               "peak_rss_mb_above_baseline": peak_rss_mb() - rss_before_model,
                "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
         global_step += len(lrs)
         if epoch == 1 and u_first is not None:

@@ -9,7 +9,7 @@ from sparserm.manifest import write_json
 
 METRICS = ("accuracy", "entropy", "win_rate", "mc1", "mc2")  # per-item metrics (intervals)
 TRAIN = ("beta", "steps", "train_loss", "train_reward_accuracy", "peak_rss_mb_above_baseline", "peak_gpu_mb",
-         "seconds_per_step", "train_seconds")
+         "seconds_per_step", "cpu_seconds_per_step", "train_seconds")
 COLUMNS = ("method", *METRICS, *TRAIN)
 DEFINITIONS = {
     "accuracy": "held-out pairs where the length-normalised log-prob of chosen is above rejected's (ties wrong)",
@@ -21,6 +21,8 @@ DEFINITIONS = {
     "peak_rss_mb_above_baseline": "trainer history: peak host memory above the worker's baseline (max over epochs)",
     "peak_gpu_mb": "trainer history: peak GPU memory (max over epochs)",
     "seconds_per_step": "trainer history: seconds per optimizer step (mean over epochs)",
+    "cpu_seconds_per_step": "trainer history: the worker's CPU seconds (all threads) per optimizer step (mean over "
+                            "epochs; moves far less than wall seconds with the machine's load)",
     "train_seconds": "wall time of the invocation that finished the method's training",
 }
 
@@ -35,11 +37,13 @@ def train_row(cfg: Config, name: str, stored: dict) -> dict:
         return [h[key] for h in hist if h.get(key) is not None]
 
     rss, gpu, sps = present("peak_rss_mb_above_baseline"), present("peak_gpu_mb"), present("seconds_per_step")
+    cps = present("cpu_seconds_per_step")
     return {"beta": get_objective(name).beta_of(cfg.align.loss), "epochs": len(hist),
             "steps": hist[-1].get("global_step"), "train_loss": hist[-1]["loss"],
             "train_reward_accuracy": hist[-1]["reward_accuracy"],
             "peak_rss_mb_above_baseline": max(rss) if rss else None,
             "peak_gpu_mb": max(gpu) if gpu else None, "seconds_per_step": sum(sps) / len(sps) if sps else None,
+            "cpu_seconds_per_step": sum(cps) / len(cps) if cps else None,
             "train_seconds": stored.get("seconds")}
 
 

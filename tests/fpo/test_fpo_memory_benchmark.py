@@ -30,6 +30,7 @@ def runs_mod(bench):  # the benchmark's per-run module (bench puts the repositor
 def _run(finetune, method, peak, sps, copy=False, ref_steps=0, micro=6, gpu=None):
     return {"finetune": finetune, "method": method,
             "row": {"peak_rss_mb_above_baseline": peak, "peak_gpu_mb": gpu, "seconds_per_step": sps,
+                    "cpu_seconds_per_step": 2 * sps if method == "fpo" else sps,
                     "reference_copy": copy, "reference_forwards_in_steps": ref_steps, "policy_micro_batches": micro,
                     "model_forwards_in_steps": micro + (ref_steps if not copy else 0)}}
 
@@ -78,6 +79,7 @@ def test_ratios_targets_and_checks_on_fake_rows(bench):
     assert s["fpo_vs_dpo_peak_memory"] == 0.78 and s["fpo_vs_tdpo_peak_memory"] == 0.624
     assert s["fpo_vs_simpo_peak_memory"] == 1.04 and s["fpo_vs_simpo_step_time"] == 1.05
     assert s["lora_fpo_vs_simpo_peak_memory"] == 1.1111 and s["lora_fpo_vs_simpo_step_time"] == 1.3
+    assert s["fpo_vs_simpo_step_cpu_time"] == 2.1 and "fpo_vs_simpo_step_cpu_time" not in s["pass"]  # reported only
     assert s["pass"]["fpo_vs_dpo_peak_memory"] and s["pass"]["fpo_vs_simpo_step_time"]
     assert s["pass"]["lora_fpo_vs_simpo_peak_memory"] is False and s["pass"]["lora_fpo_vs_dpo_peak_memory"] is False
     assert s["pass"]["lora_fpo_vs_simpo_step_time"] is False and s["all_pass"] is False
@@ -85,7 +87,7 @@ def test_ratios_targets_and_checks_on_fake_rows(bench):
     assert s["memory_metric"] == "peak_rss_mb_above_baseline" and s["history_fields_missing"] == []
     assert all(s["checks"].values())  # DPO/TDPO-2 online (a copy in full), SimPO and FPO without a reference
     json.dumps(s)  # the last line is plain JSON
-    assert "peak 1560.0 MB" in bench.run_line(runs[3], False)
+    assert "peak 1560.0 MB" in bench.run_line(runs[3], False) and "4.200 CPU s/step" in bench.run_line(runs[3], False)
 
 
 def test_gpu_memory_missing_fields_and_failed_runs(bench):
@@ -125,7 +127,8 @@ def test_repeats_are_taken_at_their_median(bench):
     runs += [{**_run("lora", "fpo", p, t), "repeat": k} for k, (p, t) in enumerate([(990, 1.1), (1100, 1.3)], 1)]
     runs.append({"finetune": "lora", "method": "fpo", "repeat": 3, "row": None, "error": "exit 1"})
     s = bench.summarize(runs, use_gpu=False)
-    assert s["medians"]["lora_simpo"] == {"peak_mb": 950, "seconds_per_step": 1.2, "runs": 3, "runs_measured": 3}
+    assert s["medians"]["lora_simpo"] == {"peak_mb": 950, "seconds_per_step": 1.2, "cpu_seconds_per_step": 1.2,
+                                           "runs": 3, "runs_measured": 3}
     assert s["medians"]["lora_fpo"]["peak_mb"] == 1045 and s["medians"]["lora_fpo"]["runs_measured"] == 2
     assert s["lora_fpo_vs_simpo_peak_memory"] == 1.1 and s["lora_fpo_vs_simpo_step_time"] == 1.0
     assert s["checks"] == {"lora_simpo": True, "lora_fpo": None}  # one FPO run has no row

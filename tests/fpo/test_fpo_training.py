@@ -137,3 +137,42 @@ def test_in_full_finetuning_only_tdpo_holds_a_second_copy(fpo_cfg, ray_session, 
     assert h["model_forwards_in_steps"] == h["policy_micro_batches"] == 2  # the trained weights: policy only
     assert h["reference_forwards_in_steps"] == (2 if copy else 0)
     assert h["u_abs_max_before_first_step"] < 1e-5
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients_and_key(fpo_cfg, dpo_pairs, sae_dir):
+    """align.train.gradient_checkpointing recomputes blocks in the backward: FPO's hook on block L (which the
+    recompute runs again) still gives the loss and LoRA gradients of the plain forward, and the run's key (what it
+    computes) does not change."""
+    from dataclasses import replace
+
+    from sparserm.align.objectives import get_objective
+    from sparserm.align.pair_forward import pair_forward, tokenize_pairs
+    from sparserm.align.trainer import dpo_key
+    from sparserm.sae.autoencoder import SparseAutoencoder
+
+    cfg = fpo_cfg()
+    pairs, idx = dpo_pairs[:4], [0, 1, 2, 3]
+    sae = SparseAutoencoder.load(sae_dir)
+    fpo, reference = get_objective("fpo"), None
+    results = []
+    for checkpointing in (False, True):
+        policy, tok = _perturbed_policy(cfg)
+        policy.train()
+        if checkpointing:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        g = cfg.align.generate
+        seqs = tokenize_pairs(tok, pairs, g.max_prompt_tokens + g.max_new_tokens, cfg.model.chat_template)
+        if reference is None:
+            with torch.no_grad(), policy.disable_adapter():
+                reference = pair_forward(policy, seqs, idx, tok.pad_token_id, "cpu", frozenset({"features"}), sae, LAYER)
+        pol = pair_forward(policy, seqs, idx, tok.pad_token_id, "cpu", frozenset({"features"}), sae, LAYER)
+        loss, _ = fpo.loss(pol, reference, cfg.align.loss)
+        loss.mean().backward()
+        grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
+        assert grads and all(g.abs().sum() > 0 for g in grads.values())
+        results.append((loss.detach(), grads))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for n, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][n], g, rtol=1e-4, atol=1e-6)
+    on = replace(cfg, align=replace(cfg.align, train=replace(cfg.align.train, gradient_checkpointing=True)))
+    assert dpo_key(on, pairs, None) == dpo_key(cfg, pairs, None)
