@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.set_defaults(func=cmd_fpo, stage="fpo")
 
+    from sparserm.steering.cli import add_steer_commands
+
+    add_steer_commands(sub, _config_args, _load)
+
     from sparserm.serve.cli import add_serve_commands
 
     add_serve_commands(sub)

@@ -300,6 +300,31 @@ class FPOCompareConfig:
 
 
 @dataclass(frozen=True)
+class SteerConfig:
+    """DSPA-style steering (``sparserm steer``, sparserm.steering): the conditional-difference map built from
+    preference triples (``steer build``) and the prompt-conditional SAE edit while decoding (SPEC section 6)."""
+
+    data: tuple[DataSource, ...] = ()  # the triples; empty: data.sources (their train split either way)
+    max_triples: NonNegativeInt = 250  # the first N train-split triples in file order (0: all); DSPA: 100-250 suffice
+    on_bad_row: Literal["error", "skip"] = "error"  # a rejected record in the part read: stop naming it, or skip it
+    input_sae_dir: str | None = None  # a sae-lens SAE folder reading the prompt (e.g. what `sparserm sae` trained)
+    input_layer: NonNegativeInt | None = None  # block whose output the input SAE reads; None: the SAE's own record
+    output_sae_dir: str | None = None  # a sae-lens SAE folder reading (and, while decoding, editing) the response
+    output_layer: NonNegativeInt | None = None  # likewise; >= input_layer
+    sparsifier: str = "top_per_row"  # an entry of sparserm.steering.conditional_map.SPARSIFIERS
+    top_per_row: PositiveInt = 64  # top_per_row: entries of A kept per input latent, by |A_ij|
+    threshold: NonNegativeFloat = 0.0  # threshold: entries with |A_ij| > threshold kept
+    k_prompt: PositiveInt = 32  # the prompt gate: top input latents of g(x) (DSPA default)
+    k_diff: PositiveInt = 16  # output latents steered: top by |A^T g_gated| (DSPA default)
+    alpha: NonNegativeFloat = 0.2  # mode add: an active selected latent moves by alpha x max(a_t) x sign(s_j)
+    mode: str = "add"  # an entry of sparserm.steering.edit.MODES: add | ablate
+    num_actors: PositiveInt = 1  # `steer build`: Ray Data actors of the map pass
+    num_cpus: NonNegativeFloat = 1.0  # per actor
+    num_gpus: NonNegativeFloat = 0.0  # per actor
+    batch_size: PositiveInt = 16  # triples per actor call (packed forwards within features.max_batch_tokens)
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -310,6 +335,7 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     fpo: FPOCompareConfig = field(default_factory=FPOCompareConfig)
+    steer: SteerConfig = field(default_factory=SteerConfig)
 
     def validate(self) -> "Config":
         build(Config, to_dict(self))  # the annotations' types, ranges and choices, also for a Config made in code
@@ -351,6 +377,15 @@ class Config:
         _check(t.batch_size % (t.micro_batch_size * t.num_workers) == 0, "align.train.batch_size", t.batch_size,
                "a multiple of micro_batch_size x num_workers")
         _check(a.loss.beta is None or a.loss.beta > 0, "align.loss.beta", a.loss.beta, "> 0, or unset")
+        from sparserm.steering.conditional_map import SPARSIFIERS
+        from sparserm.steering.edit import MODES
+
+        st = self.steer
+        _check(st.sparsifier in SPARSIFIERS, "steer.sparsifier", st.sparsifier, "|".join(sorted(SPARSIFIERS)))
+        _check(st.mode in MODES, "steer.mode", st.mode, "|".join(sorted(MODES)))
+        _check(st.input_layer is None or st.output_layer is None or st.input_layer <= st.output_layer,
+               "steer.input_layer", st.input_layer, f"<= steer.output_layer={st.output_layer} (the prompt gate is "
+               "read before the edit, in the same forward)")
         return self
 
 

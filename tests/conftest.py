@@ -19,12 +19,23 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+# the folders whose tests run Ray jobs (actors, Ray Train worker groups) that must end with their test
+RAY_JOB_TEST_DIRS = ("align", "fpo")
+
+
 def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA GPU")
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _ray_jobs_end_with_their_test(request):
+    """Tests in RAY_JOB_TEST_DIRS leave the session's Ray CPUs free (``nothing_left_holding_cpus``)."""
+    if Path(request.node.path).parent.name in RAY_JOB_TEST_DIRS:
+        request.getfixturevalue("nothing_left_holding_cpus")
 
 
 @pytest.fixture(scope="session")

@@ -103,3 +103,16 @@ def group_logprobs(model, group: TokenGroup, prefix_cache=None) -> tuple[torch.T
     logits = torch.cat([first.expand(n, 1, -1), logits[:, :-1]], 1)
     lp = (token_logprobs(logits, ids) * mask.to(logits.dtype)).sum(1)
     return lp.float().cpu(), lengths.float()
+
+
+def response_entropy(model, group: TokenGroup) -> float:
+    """Mean over the first response of ``group`` of the entropy (nats, full softmax) of the model's next-token
+    distribution at each position predicting a response token (an empty response: at the position after the
+    prompt)."""
+    device = next(model.parameters()).device
+    resp = group.suffixes[0]
+    ids = torch.tensor([group.prefix + resp], device=device)
+    logits = model(input_ids=ids, use_cache=False, logits_to_keep=len(resp) + 1).logits[0]
+    logits = logits[:-1] if resp else logits[-1:]
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return float(-(logp.exp() * logp).sum(-1).mean())

@@ -135,28 +135,6 @@ def compare_data(cfg: Config) -> CompareData:
     return CompareData(train, _first(held, f.heldout_pairs), prompts, _first(mc, f.mc_questions))
 
 
-# ------------------------------------------------------------------ entropy, on the policy actor
-def token_entropy(policy, items: list[tuple[str, str]], max_tokens: int) -> list[float]:
-    """Runs on an ``HFPolicy`` actor (``actor.__ray_call__``): per (prompt, response), the mean over the response
-    tokens of the entropy (nats) of the current policy's next-token distribution at the position predicting
-    each; the prompt and response encoded as training and the likelihood measures encode them."""
-    import torch
-
-    from sparserm.model.text import encode_group
-
-    out, device = [], next(policy.model.parameters()).device
-    with torch.no_grad(), policy._policy():
-        for prompt, response in items:
-            g = encode_group(policy.tokenizer, prompt, [response], max_tokens, policy.model_cfg.chat_template)
-            resp = g.suffixes[0]
-            ids = torch.tensor([g.prefix + resp], device=device)
-            logits = policy.model(input_ids=ids, use_cache=False, logits_to_keep=len(resp) + 1).logits[0]
-            logits = logits[:-1] if resp else logits[-1:]  # the positions predicting each response token
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            out.append(float(-(logp.exp() * logp).sum(-1).mean()))
-    return out
-
-
 # ------------------------------------------------------------------ the job
 class FPOCompare:
     def __init__(self, cfg: Config, out: Path, rm_dir: str, data: CompareData):
@@ -249,8 +227,8 @@ class FPOCompare:
                                                           a.generate.batch_size)]
             n_e, n_w = min(f.entropy_prompts, len(texts)), min(f.winrate_prompts, len(texts))
             if n_e:
-                per_item["entropy"] = ray.get(act.policy.__ray_call__.remote(
-                    token_entropy, list(zip(d.prompts[:n_e], texts[:n_e])), self.max_tokens))
+                per_item["entropy"] = ray.get(act.policy.response_entropy.remote(
+                    list(zip(d.prompts[:n_e], texts[:n_e])), self.max_tokens))
                 metrics.update(entropy=sum(per_item["entropy"]) / n_e, n_entropy_prompts=n_e)
             scores = ray.get(act.scorer.score.remote(d.prompts, [t or "(empty)" for t in texts]))
             write_jsonl(self.out / name / "generations.jsonl", [{"prompt": p, "response": t, "score": s}

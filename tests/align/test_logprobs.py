@@ -46,3 +46,17 @@ def test_errors_name_the_problem(lm):
         encode_batch([([1], [2]), ([1], [])], pad_id=0)
     with pytest.raises(ValueError, match="prompt is empty"):
         group_logprobs(lm, TokenGroup(prefix=[], suffixes=[[1]]))
+
+
+def test_response_entropy_is_the_mean_entropy_at_the_positions_predicting_the_response(lm):
+    from sparserm.align.logprobs import response_entropy
+
+    prompt, resp = [1, 5, 6, 7], [9, 10, 11]
+    with torch.no_grad():
+        logp = torch.log_softmax(lm(input_ids=torch.tensor([prompt + resp])).logits[0].float(), -1)
+        h = -(logp.exp() * logp).sum(-1)  # entropy at every position
+        got = response_entropy(lm, TokenGroup(prefix=prompt, suffixes=[resp]))
+        empty = response_entropy(lm, TokenGroup(prefix=prompt, suffixes=[[]]))
+    assert got == pytest.approx(h[3:6].mean().item(), abs=1e-5)  # positions 3..5 predict tokens 4..6
+    assert empty == pytest.approx(h[3].item(), abs=1e-5)
+    assert 0 < got <= torch.log(torch.tensor(float(logp.shape[-1]))).item()

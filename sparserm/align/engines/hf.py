@@ -107,6 +107,18 @@ class HFPolicy:
         return out
 
     @torch.no_grad()
+    def response_entropy(self, items: list[tuple[str, str]], max_tokens: int) -> list[float]:
+        """Per (prompt, response): the current policy's mean predictive entropy along the response
+        (``sparserm.align.logprobs.response_entropy``), encoded as training and the likelihood measures encode it."""
+        from sparserm.align.logprobs import response_entropy
+        from sparserm.model.text import encode_group
+
+        with self._policy():
+            return [response_entropy(self.model, encode_group(self.tokenizer, prompt, [response], max_tokens,
+                                                              self.model_cfg.chat_template))
+                    for prompt, response in items]
+
+    @torch.no_grad()
     def mc_logprobs(self, questions: list) -> list[tuple[list[float], list[float]]]:
         """TruthfulQA multiple-choice log-likelihoods under the current policy, as lm-eval computes them."""
         from sparserm.align.truthfulqa_mc import mc_logprobs

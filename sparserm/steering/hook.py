@@ -1,0 +1,155 @@
+"""The decoding hook of DSPA-style steering, for transformers generation: two forward hooks on one model.
+
+- The gate, on the input block: on the first forward of a generation (the prompt, left-padded), per row, the input
+  SAE encodes the residual at that row's real tokens (``attention_mask``), ``g(x)`` is their activation density
+  and the row's :class:`SteeringVector` is computed from it (``vector.steering_vector``), once. A row given a vector
+  up front (e.g. the same latents for every prompt) or not steered is not gated.
+- The edit, on the output block, at every forward: the residual ``h`` at the last position (in the prompt forward
+  the last prompt token, which emits the first generated token; after it, the token fed back, which emits the next
+  one) of each steered row is encoded, ``a = encode(h)``, edited (``edit.edit_latents``: only selected latents
+  already active, by the row's mode) to ``a'``, and ``h + decode(a') - decode(a)`` replaces it, so the SAE's
+  reconstruction error stays in the residual. A row whose latents did not change is left bit for bit as it was.
+
+Left padding keeps every row's last position real, and each row carries its own vector, alpha and mode, so a
+request is steered the same alone or in a batch. Per row and forward the hook records which latents changed;
+:meth:`SteerRun.counts` sums them over the forwards that emitted the row's own tokens (up to its EOS).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from sparserm.steering.conditional_map import ConditionalMap, activation_density
+from sparserm.steering.edit import edit_latents
+from sparserm.steering.vector import SteerSettings, SteeringVector, steering_vector
+
+
+@dataclass
+class SteerRun:
+    """The state of one steered generation: per-row vectors and what each forward changed."""
+
+    attention_mask: torch.Tensor  # [B, T] of the prompt batch (left-padded)
+    settings: list[SteerSettings | None]  # None or enabled=False: the row is not steered
+    vectors: list[SteeringVector | None]
+    trace: list[dict] | None = None  # per forward: rows, h, a, a', h' (tests)
+    steps: list[dict[int, torch.Tensor]] = field(default_factory=list)  # per forward: row -> latents changed
+    packed: tuple | None = None  # (rows, latents [R, k], scores [R, k], alpha [R], modes) of the steered rows
+
+    def needs_gate(self) -> list[int]:
+        return [b for b, (s, v) in enumerate(zip(self.settings, self.vectors))
+                if v is None and s is not None and s.enabled]
+
+    def pack(self, device) -> None:
+        rows = [b for b, v in enumerate(self.vectors) if v is not None and len(v.latents)]
+        k = max((len(self.vectors[b].latents) for b in rows), default=0)
+        latents = torch.full((len(rows), k), -1, dtype=torch.long)
+        scores = torch.zeros(len(rows), k)
+        for j, b in enumerate(rows):
+            v = self.vectors[b]
+            latents[j, : len(v.latents)], scores[j, : len(v.latents)] = v.latents, v.scores
+        alpha = torch.tensor([float(self.vectors[b].alpha) for b in rows])
+        self.packed = (rows, latents.to(device), scores.to(device), alpha.to(device),
+                       [self.vectors[b].mode for b in rows])
+
+    def counts(self, n_steps: list[int]) -> list[dict]:
+        """Per row, over its first ``n_steps[b]`` forwards: token positions edited, distinct latents edited, and
+        latent edits in all."""
+        out = []
+        for b, n in enumerate(n_steps):
+            changed = [step[b] for step in self.steps[:n] if b in step and len(step[b])]
+            ids = torch.cat(changed) if changed else torch.empty(0, dtype=torch.long)
+            out.append({"edited_tokens": len(changed), "edited_latents": int(ids.unique().numel()),
+                        "latent_edits": int(ids.numel())})
+        return out
+
+
+def _hidden(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _with_hidden(output, h):
+    return (h, *output[1:]) if isinstance(output, tuple) else h
+
+
+class SteeringHook:
+    """The gate and the edit for one model, its map and its two SAEs (loaded on the model's device)."""
+
+    def __init__(self, model, cmap: ConditionalMap, input_sae, output_sae, input_layer: int, output_layer: int):
+        if input_layer > output_layer:
+            raise ValueError(f"input layer {input_layer} is after output layer {output_layer}: the gate must come first")
+        self.model, self.cmap = model, cmap
+        self.input_sae, self.output_sae = input_sae, output_sae
+        self.input_layer, self.output_layer = input_layer, output_layer
+
+    def prompt_density(self, h: torch.Tensor) -> torch.Tensor:
+        """g(x) [m_in] from the residual after the input block at a prompt's own tokens [T, d]."""
+        return activation_density(self.input_sae.encode(h))
+
+    @contextlib.contextmanager
+    def run(self, attention_mask: torch.Tensor, settings: list[SteerSettings | None],
+            vectors: list[SteeringVector | None] | None = None, trace: bool = False):
+        """Hooks installed for one ``generate`` call over a batch with this prompt ``attention_mask``; yields the
+        :class:`SteerRun`. ``vectors[b]`` given: row b uses it instead of its prompt's."""
+        from sparserm.align.pair_forward import block
+
+        run = SteerRun(attention_mask, list(settings), list(vectors or [None] * len(settings)),
+                       [] if trace else None)
+        if len(run.vectors) != len(run.settings) or len(run.settings) != attention_mask.shape[0]:
+            raise ValueError("SteeringHook.run: one setting (and vector) per row of the batch")
+        handles = []
+        if run.needs_gate():
+            handles.append(block(self.model, self.input_layer).register_forward_hook(self._gate(run)))
+        else:
+            run.pack(attention_mask.device)
+        handles.append(block(self.model, self.output_layer).register_forward_hook(self._edit(run)))
+        try:
+            yield run
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _gate(self, run: SteerRun):
+        def hook(_module, _inputs, output):
+            if run.packed is not None:
+                return None
+            h = _hidden(output)
+            if h.shape[:2] != run.attention_mask.shape:
+                raise RuntimeError(f"steering gate: the first forward has shape {tuple(h.shape[:2])}, the prompt "
+                                   f"batch {tuple(run.attention_mask.shape)}")
+            for b in run.needs_gate():
+                g = self.prompt_density(h[b][run.attention_mask[b].bool()])
+                run.vectors[b] = steering_vector(g, self.cmap, run.settings[b])
+            run.pack(h.device)
+            return None
+
+        return hook
+
+    def _edit(self, run: SteerRun):
+        def hook(_module, _inputs, output):
+            rows, latents, scores, alpha, modes = run.packed
+            if not rows:
+                run.steps.append({})
+                return None
+            h = _hidden(output)
+            x = h[rows, -1]
+            a = self.output_sae.encode(x)
+            a2 = edit_latents(a, latents, scores, alpha, modes)
+            changed = a2 != a
+            moved = changed.any(-1)
+            run.steps.append({b: changed[j].nonzero().flatten().cpu() for j, b in enumerate(rows)})
+            new = x.clone()
+            if bool(moved.any()):
+                delta = self.output_sae.decode(a2[moved]) - self.output_sae.decode(a[moved])
+                new[moved] = x[moved] + delta.to(x.dtype)
+            if run.trace is not None:
+                run.trace.append({"rows": list(rows), "h": x.detach().clone(), "a": a, "a_edited": a2,
+                                  "h_edited": new.detach().clone()})
+            if not bool(moved.any()):
+                return None
+            out = h.clone()
+            out[rows, -1] = new
+            return _with_hidden(output, out)
+
+        return hook

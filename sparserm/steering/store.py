@@ -1,0 +1,89 @@
+"""A steering-map folder on disk: ``map.safetensors`` and ``manifest.json``.
+
+``map.safetensors`` holds the sparse map A as CSR over the input latents (:class:`ConditionalMap`): ``indptr``
+int64 [m_in + 1], ``indices`` int64 [nnz] (output latents, ascending within a row), ``values`` float32 [nnz] and
+``m_out`` int64 [1]. Sparse always, whatever the widths: a 16k x 16k map kept at 64 entries a row is 1M entries,
+a dense one 1 GiB.
+
+``manifest.json`` is the repo's run manifest (resolved config, seed, versions, git commit, input checksums) plus
+``key`` (what produced the map: model identity and token budget, both SAEs by content hash and layer, the number of
+triples and a hash of their texts, the sparsifier and the settings it reads; a folder holding another key is
+refused naming the fields that differ) and ``map`` (sizes, both SAE folders, token counts, seconds). The manifest
+is written last: a folder without one holds no map.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from sparserm.config import Config, build
+from sparserm.manifest import StaleArtifactError, check_key, folder_hash, model_key, stable_hash
+from sparserm.steering.conditional_map import ConditionalMap, sparsifier_key
+from sparserm.steering.sources import SAESide
+
+MAP_FILE, MANIFEST = "map.safetensors", "manifest.json"
+STAGE = "steer-map"
+DENSITY = "share_of_own_tokens_active"  # how g and rho are computed (a change of definition changes every key)
+
+
+def map_key(cfg: Config, triples: list[dict], sides: tuple[SAESide, SAESide]) -> dict:
+    return {"model": model_key(cfg.model), "max_tokens": cfg.model.max_tokens,
+            **{s.side: {"sae": folder_hash(s.folder), "layer": s.layer} for s in sides},
+            "n_triples": len(triples), "data": stable_hash([[t["prompt"], t["chosen"], t["rejected"]] for t in triples]),
+            "sparsifier": sparsifier_key(cfg.steer), "density": DENSITY}
+
+
+def stored_key(map_dir: Path) -> dict | None:
+    manifest = json.loads((map_dir / MANIFEST).read_text())
+    return manifest.get("key") if manifest.get("stage") == STAGE else None
+
+
+def save_map(map_dir: Path, cmap: ConditionalMap) -> Path:
+    """The map's tensors, written under a temporary name and renamed (the manifest comes after, by the caller)."""
+    from safetensors.torch import save_file
+
+    path = map_dir / MAP_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(cmap.tensors(), str(tmp))
+    tmp.replace(path)
+    return path
+
+
+@dataclass
+class SteeringMap:
+    """A loaded map folder: the map, the config it was built with, and both SAE sides."""
+
+    cmap: ConditionalMap
+    cfg: Config
+    input: SAESide
+    output: SAESide
+    key: dict
+    folder: Path
+
+    @property
+    def n_triples(self) -> int:
+        return int(self.key["n_triples"])
+
+
+def load_map(map_dir: str | Path) -> SteeringMap:
+    """The map of ``map_dir``; :class:`StaleArtifactError` when an SAE folder it names changed since."""
+    from safetensors.torch import load_file
+
+    map_dir = Path(map_dir)
+    if not (map_dir / MANIFEST).is_file() or not (map_dir / MAP_FILE).is_file():
+        raise FileNotFoundError(f"{map_dir} holds no steering map ({MANIFEST} and {MAP_FILE}); build one with "
+                                "`sparserm steer build`")
+    manifest = json.loads((map_dir / MANIFEST).read_text())
+    if manifest.get("stage") != STAGE:
+        raise StaleArtifactError(f"{map_dir}/{MANIFEST} is a {manifest.get('stage')!r} manifest, not a steering map's")
+    key, info = manifest["key"], manifest["map"]
+    sides = tuple(SAESide(**info[f"{s}_sae"]) for s in ("input", "output"))
+    check_key({s: key[s] for s in ("input", "output")},
+              {s.side: {"sae": folder_hash(s.folder), "layer": s.layer} for s in sides},
+              f"steering map {map_dir} (its SAE folders)")
+    cmap = ConditionalMap.from_tensors(load_file(str(map_dir / MAP_FILE)))
+    if (cmap.m_in, cmap.m_out) != (sides[0].d_sae, sides[1].d_sae):
+        raise StaleArtifactError(f"steering map {map_dir}: a {cmap.m_in} x {cmap.m_out} map for SAEs of widths "
+                                 f"{sides[0].d_sae} and {sides[1].d_sae}")
+    return SteeringMap(cmap, build(Config, manifest["config"]), sides[0], sides[1], key, map_dir)
