@@ -63,7 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="FPO's training memory and step time against DPO, TDPO-2 and SimPO, "
                                              "in full fine-tuning and LoRA (see the module docstring)")
     ap.add_argument("--model", default="embedded",
-                    help="embedded (SmolLM2-135M-Instruct), tiny (a random 4x64 Llama built here), or any model.name")
+                    help="embedded (SmolLM2-135M-Instruct), tiny (a random 4x64 Llama built here), random:HIDDENxBLOCKS "
+                         "(a random Llama of that width and depth built here, ~400-token vocabulary: its weights "
+                         "dominate the peak), or any model.name")
     ap.add_argument("--finetune", type=_csv(FINETUNE), default=FINETUNE, help="full,lora")
     ap.add_argument("--methods", type=_csv(METHODS), default=METHODS, help="dpo,tdpo2,simpo,fpo")
     ap.add_argument("--steps", type=int, default=6, help="optimizer steps per run (one epoch)")
@@ -72,6 +74,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--pairs", type=int, default=None,
                     help="pairs per run (default steps x batch-size; sets the steps)")
     ap.add_argument("--max-tokens", type=int, default=192, help="token budget of prompt + response")
+    ap.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=0,
+                    help="align.train.deepspeed_stage (0: one worker has nothing to shard, and ZeRO-1/2 keep an fp32 "
+                         "partition copy of the weights beside them, a sixth weight-sized tensor in fp32 training)")
+    ap.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
+                    help="keep every block's activations (default: align.train.gradient_checkpointing=true)")
     ap.add_argument("--lr", type=float, default=1e-5, help="every run's learning rate (nothing measured depends on it)")
     ap.add_argument("--sae-dir", default=None, help="FPO's SAE folder (default: a random SAE shaped for the model)")
     ap.add_argument("--sae-width", type=int, default=4096, help="latents of the random SAE")

@@ -58,7 +58,9 @@ def run_overrides(args, method: str, finetune: str, model_name: str, cache_dir: 
     out = [f"model.name={model_name}", "align.train.epochs=1", f"align.train.batch_size={args.batch_size}",
            f"align.train.micro_batch_size={args.micro_batch}", f"align.generate.max_prompt_tokens={prompt}",
            f"align.generate.max_new_tokens={new}", f"align.train.finetune={finetune}", f"align.train.lr={args.lr}",
-           f"align.reference_cache.batch_size={max(args.micro_batch, 2)}"]
+           f"align.reference_cache.batch_size={max(args.micro_batch, 2)}",
+           f"align.train.deepspeed_stage={args.zero_stage}",
+           f"align.train.gradient_checkpointing={str(args.gradient_checkpointing).lower()}"]
     if cache_dir:
         out.append(f"run.cache_dir={cache_dir}")
     if use_gpu:  # shares, so the cache pass's actor never blocks the worker from starting
@@ -94,6 +96,19 @@ def load_benchmark_pairs(n: int) -> tuple[list[dict], str]:
     return synthetic_pairs(n), "synthetic"
 
 
+def random_shape(model: str) -> tuple[int, int]:
+    """(hidden size, blocks) of ``tiny`` (64, 4) or ``random:HIDDENxBLOCKS``."""
+    if model == "tiny":
+        return 64, 4
+    try:
+        hidden, blocks = (int(x) for x in model.split(":", 1)[1].lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--model {model!r}: expected random:HIDDENxBLOCKS, e.g. random:1024x8") from None
+    if hidden < 8 or hidden % 4 or blocks < 1:
+        raise ValueError(f"--model {model!r}: HIDDEN must be a multiple of 4 (>= 8) and BLOCKS >= 1")
+    return hidden, blocks
+
+
 def model_shape(model_name: str, cache_dir: str | None) -> tuple[int, int]:
     """(hidden size, number of blocks) from the model's config (the embedded model is converted once)."""
     from transformers import AutoConfig
@@ -110,10 +125,11 @@ def shared_inputs(args, work: Path) -> SimpleNamespace:
     """Made once for every run: the model (``tiny``: built here, with a cache of its own), its shape, FPO's SAE
     (a random one unless ``--sae-dir``) and its block, and the pairs file."""
     cache_dir, model_name = None, args.model
-    if args.model == "tiny":
+    if args.model == "tiny" or args.model.startswith("random:"):
         from sparserm.testing import build_tiny_model
 
-        model_name = str(build_tiny_model(work / "tiny-model"))
+        hidden, blocks = random_shape(args.model)
+        model_name = str(build_tiny_model(work / "tiny-model", n_layers=blocks, hidden=hidden))
         cache_dir = str(work / "cache")  # the user's cache stays untouched
     t0 = time.perf_counter()
     hidden, n_layers = model_shape(model_name, cache_dir)  # the embedded model converts here, once

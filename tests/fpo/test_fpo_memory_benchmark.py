@@ -59,6 +59,7 @@ def test_each_method_gets_its_settings(bench, runs_mod, tmp_path):
     for o in ov.values():
         assert "align.train.finetune=full" in o and "align.train.epochs=1" in o
         assert o[-1] == "align.train.deepspeed_stage=1"  # --set comes last
+        assert "align.train.deepspeed_stage=0" in o and "align.train.gradient_checkpointing=true" in o  # defaults
         prompt = int(next(x for x in o if x.startswith("align.generate.max_prompt_tokens=")).split("=")[1])
         new = int(next(x for x in o if x.startswith("align.generate.max_new_tokens=")).split("=")[1])
         assert prompt + new == 160
@@ -68,6 +69,13 @@ def test_each_method_gets_its_settings(bench, runs_mod, tmp_path):
     for o in ov.values():
         load_config(None, o)
     assert "align.train.num_gpus=0.5" in runs_mod.run_overrides(a, "fpo", "lora", "embedded", None, "x", True)
+    b = bench.parse_args(["--zero-stage", "2", "--no-gradient-checkpointing"])
+    o = runs_mod.run_overrides(b, "simpo", "full", "embedded", None, None, False)
+    assert "align.train.deepspeed_stage=2" in o and "align.train.gradient_checkpointing=false" in o
+    assert runs_mod.random_shape("random:1024x8") == (1024, 8) and runs_mod.random_shape("tiny") == (64, 4)
+    for bad in ("random:1024", "random:axb", "random:10x2"):
+        with pytest.raises(ValueError, match="random:HIDDENxBLOCKS|multiple of 4"):
+            runs_mod.random_shape(bad)
 
 
 def test_ratios_targets_and_checks_on_fake_rows(bench):
