@@ -1,17 +1,19 @@
 """The reward-model service: a Ray Serve app over a SparseRM folder (HTTP + DeploymentHandle) and its clients.
 
 ``sparserm serve rm RM_DIR`` starts it; :class:`RewardClient` / :class:`HTTPRewardClient` call it from Python,
-:func:`score_dataset` from Ray Data and :class:`SparseRMReward` from TRL's ``GRPOTrainer``.
+:func:`score_dataset` from Ray Data and :class:`SparseRMReward` from TRL's ``GRPOTrainer``. What every sparserm HTTP
+app shares (binding, bearer auth, size limits, the one error body and its OpenAPI entries) is :mod:`.guard`,
+:mod:`.limits` and :mod:`.errors`.
 """
 from __future__ import annotations
 
 from sparserm.serve.config import AutoscalingSpec, ServeConfig, load_serve_config
+from sparserm.serve.errors import ErrorBody, ServeRequestError
 from sparserm.serve.options import deployment_options, validate_serve
-from sparserm.serve.schema import ServeRequestError
 
 __all__ = ["ServeConfig", "AutoscalingSpec", "load_serve_config", "validate_serve", "deployment_options",
-           "ServeRequestError", "RewardClient", "HTTPRewardClient", "score_dataset", "SparseRMReward", "build_app",
-           "start"]
+           "ServeRequestError", "ErrorBody", "RewardClient", "HTTPRewardClient", "score_dataset", "SparseRMReward",
+           "build_app", "start"]
 
 _LAZY = {"RewardClient": "client", "HTTPRewardClient": "client", "score_dataset": "client",
          "SparseRMReward": "client", "build_app": "app", "start": "app"}

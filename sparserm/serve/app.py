@@ -2,9 +2,9 @@
 Serve's ingress), that loads the reward model once per replica, answers HTTP through FastAPI and
 ``DeploymentHandle`` calls through the same code path.
 
-Routes: ``POST /v1/score``, ``POST /v1/compare``, ``POST /get_reward`` (OpenRLHF remote RM), ``GET /healthz``,
-and FastAPI's ``/openapi.json`` and ``/docs``. Handle methods: ``score(items)``, ``compare(pairs)``,
-``get_reward(query)``, ``info()``.
+Routes: ``POST /v1/score``, ``POST /v1/compare``, ``POST /get_reward`` (OpenRLHF remote RM), ``POST /classify``
+(vLLM's pooling route, as veRL's reward loop calls it), ``GET /healthz``, and FastAPI's ``/openapi.json`` and
+``/docs``. Handle methods: ``score(items)``, ``compare(pairs)``, ``get_reward(query)``, ``info()``.
 
 Batching: a request is split into items (one prompt with its response, or one compare pair), each tokenized
 in the request path and queued to ``@serve.batch``; a batch closes at ``max_batch_size`` items, or at
@@ -12,34 +12,35 @@ in the request path and queued to ``@serve.batch``; a batch closes at ``max_batc
 Items of concurrent requests share batches; the model pass of a batch runs in a worker thread, so the event
 loop keeps accepting and tokenizing requests meanwhile.
 
-Errors: invalid JSON -> 400; schema errors -> 422; too many items / over-long texts -> 413 (or truncation);
-an untokenizable/empty text -> 422; missing/wrong bearer token -> 401. Every error body is
-``{"detail": message, "field": dotted path}``. Nothing a request sends can raise out of a replica.
+Binding, auth, the body cap, the error answers and their OpenAPI entries are :mod:`sparserm.serve.guard`'s;
+the per-item limits :mod:`sparserm.serve.limits`'. Errors: invalid JSON -> 400; schema errors or an
+untokenizable/empty text -> 422; too many items / over-long texts / a body over the cap -> 413 (or truncation);
+missing/wrong bearer token -> 401. Every error body is :class:`~sparserm.serve.errors.ErrorBody`. Nothing a
+request sends can raise out of a replica.
 """
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
-import os
+import math
+import time
+import uuid
 from pathlib import Path
 
 from ray import serve
 
 from sparserm.serve.config import ServeConfig
+from sparserm.serve.errors import ServeRequestError, validation_error
+from sparserm.serve.guard import ENV, GuardSpec, bind, guarded_app, token_digest
+from sparserm.serve.limits import limit_items
 from sparserm.serve.options import deployment_options, validate_serve
-from sparserm.serve.schema import (CompareRequest, CompareResponse, HealthResponse, RewardRequest, RewardResponse,
-                                   ScoreRequest, ScoreResponse, ServeRequestError, error_field, limit_items)
+from sparserm.serve.schema import (ClassifyData, ClassifyRequest, ClassifyResponse, ClassifyUsage, CompareRequest,
+                                   CompareResponse, HealthResponse, RewardRequest, RewardResponse, ScoreRequest,
+                                   ScoreResponse)
 from sparserm.serve.scoring import batch_chunks, batch_size_fn
 
 _INLINE_ENCODE_CHARS = 20_000
 
 APP_NAME = "sparserm"
-ENV = "env"  # build_app(token=ENV): read the token from the environment variable named by cfg.auth_env
-
-
-def _digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 class RewardModelServer:
@@ -52,7 +53,7 @@ class RewardModelServer:
         from sparserm.serve.scoring import Scorer
 
         torch.set_num_threads(max(1, int(round(cfg.num_cpus or 1))))
-        self.cfg, self.token_sha256 = cfg, token_sha256
+        self.cfg, self.guard = cfg, GuardSpec.from_config(cfg, token_sha256)
         self.rm = SparseRM.load(rm_dir)
         self.model_name = str(self.rm.meta.get("name") or Path(rm_dir).resolve().name)
         self.scorer = Scorer(self.rm)
@@ -90,14 +91,15 @@ class RewardModelServer:
                 raise part
         return [s for part in results for s in part]
 
-    async def _encode(self, fn, args: list[tuple], list_name: str) -> list:
+    async def _encode(self, fn, args: list[tuple], list_name: str, single: bool = False) -> list:
         def run():
             out = []
             for i, a in enumerate(args):
                 try:
                     out.append(fn(*a))
                 except Exception as exc:  # a text the tokenizer cannot take is the caller's error
-                    raise ServeRequestError(422, f"cannot encode item {i}: {exc}", f"{list_name}.{i}") from None
+                    field = list_name if single else f"{list_name}.{i}"
+                    raise ServeRequestError(422, f"cannot encode item {i}: {exc}", field) from None
             return out
 
         # small requests are tokenized on the event loop (a thread hop costs more); large ones in a thread
@@ -130,6 +132,21 @@ class RewardModelServer:
         rewards = [s[0] for s in await self._score_groups(groups)]
         return RewardResponse(rewards=rewards, scores=rewards, extra_logs={}, truncated=cut)
 
+    async def _classify(self, req: ClassifyRequest) -> ClassifyResponse:
+        """``/get_reward``'s scoring of full texts, in vLLM's classification shape (one class: the reward)."""
+        c, single = self.cfg, isinstance(req.input, str)
+        rows, cut = limit_items([req.input] if single else req.input, (), "input", c.max_items_per_request,
+                                c.max_text_chars, c.overlong, single=single)
+        groups = await self._encode(self.scorer.encode_query, [(r["query"], req.add_special_tokens) for r in rows],
+                                    "input", single)
+        scores = [s[0] for s in await self._score_groups(groups)]
+        use = req.use_activation if req.use_activation is not None else req.activation
+        probs = scores if use is False else [0.5 * (1.0 + math.tanh(s / 2)) for s in scores]  # sigmoid, no overflow
+        tokens = sum(g.n_tokens_total for g in groups)
+        return ClassifyResponse(id=f"classify-{uuid.uuid4().hex}", created=int(time.time()), model=self.model_name,
+                                data=[ClassifyData(index=i, probs=[p]) for i, p in enumerate(probs)],
+                                usage=ClassifyUsage(prompt_tokens=tokens, total_tokens=tokens), truncated=cut)
+
     # handle methods: plain dicts in and out; errors raise ServeRequestError (not retried by the client)
 
     async def score(self, items: list[dict]) -> dict:
@@ -144,81 +161,41 @@ class RewardModelServer:
     def info(self) -> dict:
         c = self.cfg
         return {"model": self.model_name, "max_items_per_request": c.max_items_per_request,
-                "max_text_chars": c.max_text_chars, "overlong": c.overlong, "auth": self.token_sha256 is not None}
+                "max_text_chars": c.max_text_chars, "overlong": c.overlong, "auth": self.guard.token_sha256 is not None}
 
     # ------------------------------------------------------------ HTTP
 
     def __serve_build_asgi_app__(self):
-        from fastapi import FastAPI, Request
-        from fastapi.exceptions import RequestValidationError
-        from fastapi.responses import JSONResponse
-
-        app = FastAPI(title="SparseRM reward model", version="1",
-                      description="Scores from a SparseRM reward-model folder. Bearer auth on every route but "
-                                  "/healthz when the server was started with a token.")
+        app = guarded_app(self.guard, title="SparseRM reward model", version="1",
+                          description="Scores from a SparseRM reward-model folder. Bearer auth on every route but "
+                                      "/healthz when the server was started with a token. Every error body is "
+                                      "ErrorBody.")
         server = self
-
-        app.add_middleware(_Guard, token_sha256=self.token_sha256)
-
-        @app.exception_handler(RequestValidationError)
-        async def invalid(request: Request, exc: RequestValidationError):
-            errors = [{"field": error_field(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-                      for e in exc.errors()]
-            if any(e["type"] == "json_invalid" for e in errors):
-                return JSONResponse({"detail": "invalid JSON body", "field": "body", "errors": errors}, 400)
-            # the deepest error names the field best (a union's last branch often goes deepest)
-            first = max(errors, key=lambda e: len(e["field"].split(".")), default={"field": "body", "msg": "invalid"})
-            return JSONResponse({"detail": f"{first['field']}: {first['msg']}", "field": first["field"],
-                                 "errors": errors}, 422)
-
-        @app.exception_handler(ServeRequestError)
-        async def bad(request: Request, exc: ServeRequestError):
-            return JSONResponse(exc.body(), exc.status)
 
         @app.get("/healthz", response_model=HealthResponse)
         async def healthz() -> HealthResponse:
             return HealthResponse(status="ok", model=server.model_name)
 
-        @app.post("/v1/score", response_model=ScoreResponse)
-        async def v1_score(req: ScoreRequest) -> ScoreResponse:
-            return await server._score(req)
-
-        @app.post("/v1/compare", response_model=CompareResponse)
-        async def v1_compare(req: CompareRequest) -> CompareResponse:
-            return await server._compare(req)
-
-        @app.post("/get_reward", response_model=RewardResponse)
-        async def get_reward(req: RewardRequest) -> RewardResponse:
-            return await server._reward(req)
-
+        for path, body, answer, op in POST_ROUTES:
+            app.add_api_route(path, _endpoint(getattr(server, op), body), methods=["POST"], response_model=answer,
+                              name=op.lstrip("_"))
         return app
 
 
-class _Guard:
-    """ASGI middleware: with a token, a bearer token on every route but ``/healthz`` (401 before any parsing);
-    a POST body is read as JSON whatever its content type says (``curl -d`` sends a form type)."""
+# path, request body, answer, the server's operation
+POST_ROUTES = (("/v1/score", ScoreRequest, ScoreResponse, "_score"),
+               ("/v1/compare", CompareRequest, CompareResponse, "_compare"),
+               ("/get_reward", RewardRequest, RewardResponse, "_reward"),
+               ("/classify", ClassifyRequest, ClassifyResponse, "_classify"))
 
-    def __init__(self, app, token_sha256: str | None):
-        self.app, self.token_sha256 = app, token_sha256
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            headers = dict(scope.get("headers") or [])
-            path, root = scope.get("path", ""), scope.get("root_path", "")
-            if root and path.startswith(root):
-                path = path[len(root):]
-            if self.token_sha256 is not None and path.rstrip("/") != "/healthz":
-                scheme, _, given = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-                if scheme.lower() != "bearer" or not hmac.compare_digest(_digest(given.strip()), self.token_sha256):
-                    from fastapi.responses import JSONResponse
+def _endpoint(op, body):
+    """A FastAPI endpoint that validates the JSON body as ``body`` and answers ``await op(request)``."""
+    async def endpoint(req):
+        return await op(req)
 
-                    deny = JSONResponse({"detail": "missing or invalid bearer token", "field": "Authorization"},
-                                        status_code=401, headers={"WWW-Authenticate": "Bearer"})
-                    return await deny(scope, receive, send)
-            if scope.get("method") == "POST" and b"json" not in headers.get(b"content-type", b""):
-                kept = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-                scope = {**scope, "headers": kept + [(b"content-type", b"application/json")]}
-        await self.app(scope, receive, send)
+    endpoint.__annotations__ = {"req": body}
+    return endpoint
 
 
 RewardModelDeployment = serve.deployment(name="SparseRM")(serve.ingress()(RewardModelServer))
@@ -238,8 +215,7 @@ def _validate(model, data: dict):
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        e = max(exc.errors(), key=lambda e: len(error_field(e.get("loc", ())).split(".")))
-        raise ServeRequestError(422, e.get("msg", "invalid request"), error_field(e.get("loc", ()))) from None
+        raise validation_error(exc.errors()) from None
 
 
 def build_app(rm_dir: str | Path, cfg: ServeConfig | None = None, *, token: str | None = ENV):
@@ -250,9 +226,7 @@ def build_app(rm_dir: str | Path, cfg: ServeConfig | None = None, *, token: str 
     rm_dir = Path(rm_dir).resolve()
     if not (rm_dir / "rm.json").is_file():
         raise FileNotFoundError(f"{rm_dir} is not a SparseRM folder (no rm.json)")
-    if token == ENV:
-        token = os.environ.get(cfg.auth_env) if cfg.auth_env else None
-    digest = _digest(token) if token else None
+    digest = token_digest(token, cfg.auth_env)
     return RewardModelDeployment.options(**deployment_options(cfg)).bind(str(rm_dir), cfg, digest)
 
 
@@ -261,5 +235,5 @@ def start(rm_dir: str | Path, cfg: ServeConfig | None = None, *, name: str = APP
     """Start Serve's HTTP proxy on ``cfg.host:cfg.port`` (a no-op when Serve already runs) and deploy the app.
     Returns the app's ``DeploymentHandle``."""
     cfg = validate_serve(cfg or ServeConfig())
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    bind(cfg.host, cfg.port)
     return serve.run(build_app(rm_dir, cfg, token=token), name=name, route_prefix=route_prefix, blocking=blocking)

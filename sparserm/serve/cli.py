@@ -19,7 +19,7 @@ def cmd_serve_rm(args) -> int:
     import ray
     from ray import serve
 
-    from sparserm.serve.app import start
+    from sparserm.serve.app import POST_ROUTES, start
     from sparserm.serve.config import load_serve_config
     from sparserm.serve.options import validate_serve
 
@@ -34,8 +34,8 @@ def cmd_serve_rm(args) -> int:
         ray.init(address=args.address, include_dashboard=False)
     start(args.rm_dir, cfg, name=args.name)
     url = f"http://{cfg.host}:{cfg.port}"
-    print(json.dumps({"url": url, "app": args.name, "routes": ["/v1/score", "/v1/compare", "/get_reward",
-                                                                "/healthz", "/docs"]}))
+    routes = [path for path, *_ in POST_ROUTES] + ["/healthz", "/docs"]
+    print(json.dumps({"url": url, "app": args.name, "routes": routes}))
     print(url, flush=True)
     def stop(signum, frame):
         raise KeyboardInterrupt

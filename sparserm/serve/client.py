@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from sparserm.serve.schema import ServeRequestError
+from sparserm.serve.errors import ServeRequestError
 
 DEFAULT_CHUNK = 256
 

@@ -1,30 +1,12 @@
 """Request/response schema of the reward-model service (pydantic; FastAPI publishes it at ``/openapi.json``
-and ``/docs``) and the request limits.
-
-Limits (from :class:`~sparserm.serve.config.ServeConfig`): more than ``max_items_per_request`` items -> 413;
-a text field longer than ``max_text_chars`` -> 413 naming the field (``overlong: reject``) or cut to its last
-``max_text_chars`` characters, the item's index listed in the response's ``truncated`` (``overlong: truncate``;
-the end is kept because the reward reads the end of the response, as the model's own left truncation does).
+and ``/docs``). The error body is :class:`~sparserm.serve.errors.ErrorBody`; the limits are in
+:mod:`sparserm.serve.limits`.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-
-
-class ServeRequestError(ValueError):
-    """A bad request: ``status`` (4xx), a message and the offending field (dotted path, e.g. ``items.3.response``)."""
-
-    def __init__(self, status: int, message: str, field: str | None = None):
-        super().__init__(f"{status} {message}" + (f" (field {field})" if field else ""))
-        self.status, self.message, self.field = status, message, field
-
-    def __reduce__(self):  # picklable across Ray (handle callers get the same error)
-        return (ServeRequestError, (self.status, self.message, self.field))
-
-    def body(self) -> dict:
-        return {"detail": self.message, "field": self.field}
 
 
 class _Strict(BaseModel):
@@ -96,57 +78,46 @@ class HealthResponse(BaseModel):
     model: str
 
 
-# ---------------------------------------------------------------- limits
+# ---------------------------------------------------------------- vLLM's pooling route, as veRL calls it
 
 
-def _cut(text: str, limit: int, overlong: str, field: str) -> tuple[str, bool]:
-    if len(text) <= limit:
-        return text, False
-    if overlong == "reject":
-        raise ServeRequestError(413, f"text of {len(text)} characters is longer than max_text_chars={limit}", field)
-    return text[-limit:], True
+class ClassifyRequest(BaseModel):
+    """vLLM's ``POST /classify`` request (``ClassificationCompletionRequest``) for text inputs. veRL's reward loop
+    sends ``{"model", "input": full chat-templated text, "use_activation": false}`` (``"activation"`` before
+    vLLM 0.11.2). ``model`` is accepted and not checked; vLLM's other options are accepted and not used."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    input: str | list[str] = Field(description="full texts: prompt + response through the chat template, as "
+                                               "/get_reward's query")
+    use_activation: bool | None = Field(default=None, description="false: probs holds the raw reward; true or "
+                                                                  "unset: its sigmoid (vLLM's one-label default)")
+    activation: bool | None = Field(default=None, description="vLLM < 0.11.2's name of use_activation")
+    add_special_tokens: bool = Field(default=True, description="true: a templated input that lacks the BOS its "
+                                                               "chat template starts with gets it back")
 
 
-def _cut_prompt(prompt, limit: int, overlong: str, field: str):
-    if isinstance(prompt, str):
-        return _cut(prompt, limit, overlong, field)
-    out, cut = [], False
-    for j, m in enumerate(prompt):
-        content, c = _cut(m.content, limit, overlong, f"{field}.{j}.content")
-        out.append({**m.model_dump(), "content": content})
-        cut |= c
-    return out, cut
+class ClassifyData(BaseModel):
+    index: int
+    label: str | None = None
+    probs: list[float] = Field(description="one value: the reward (or its sigmoid, see use_activation)")
+    num_classes: int = 1
 
 
-def limit_items(items: list, text_fields: tuple[str, ...], list_name: str, max_items: int, max_chars: int,
-                overlong: str) -> tuple[list[dict], list[int]]:
-    """Apply the limits to validated items (pydantic models or plain strings for ``query``).
-
-    Returns plain dicts (prompt as str or list of message dicts) and the indices of truncated items."""
-    if len(items) > max_items:
-        raise ServeRequestError(413, f"{len(items)} items is more than max_items_per_request={max_items}", list_name)
-    out, truncated = [], []
-    for i, item in enumerate(items):
-        if isinstance(item, str):
-            text, cut = _cut(item, max_chars, overlong, f"{list_name}.{i}")
-            out.append({"query": text})
-        else:
-            row, cut = {}, False
-            for name in text_fields:
-                value = getattr(item, name)
-                if name == "prompt":
-                    row[name], c = _cut_prompt(value, max_chars, overlong, f"{list_name}.{i}.{name}")
-                else:
-                    row[name], c = _cut(value, max_chars, overlong, f"{list_name}.{i}.{name}")
-                cut |= c
-            out.append(row)
-        if cut:
-            truncated.append(i)
-    return out, truncated
+class ClassifyUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+    completion_tokens: int = 0
+    prompt_tokens_details: None = None
 
 
-def error_field(loc: tuple | list) -> str:
-    """``("body", "items", 0, "prompt", "str")`` -> ``"items.0.prompt"`` (drops the body marker and union tags)."""
-    parts = [str(p) for p in loc if p != "body"]
-    parts = [p for p in parts if p not in ("str", "list[ChatMessage]") and not p.startswith("function-")]
-    return ".".join(parts) or "body"
+class ClassifyResponse(BaseModel):
+    """vLLM's ``ClassificationResponse``; veRL reads ``data[-1]["probs"][-1]``."""
+
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[ClassifyData]
+    usage: ClassifyUsage
+    truncated: list[int] = Field(default_factory=list, description="indices of inputs whose texts were cut")

@@ -4,14 +4,18 @@ Every item is encoded and scored exactly as :meth:`SparseRM.score` / :meth:`Spar
 token group per item, its prompt computed once), so served scores equal in-process scores; batching only
 changes which items share one packed forward (row-independent, float rounding only).
 
-OpenRLHF queries (``POST /get_reward``) are full texts. The rule, deterministic:
+Queries (``POST /get_reward``, OpenRLHF's; ``POST /classify``, veRL's) are full texts. The rule, deterministic:
 
-1. Leading pad tokens are dropped, then trailing eos/pad tokens (OpenRLHF decodes with special tokens).
+1. Leading pad tokens are dropped, then trailing eos/pad tokens and the text the chat template closes an
+   assistant turn with (``<|im_end|>\\n`` for ChatML; OpenRLHF decodes with special tokens, veRL sends the whole
+   conversation through the template).
 2. If the RM uses a chat template, the query is split after the *last* occurrence of the template's
    generation marker (what ``add_generation_prompt`` appends; ``<|im_start|>assistant\\n`` for ChatML/SmolLM2):
    the part up to and including the marker is the already-templated prompt, the rest the response. The prompt
    text is tokenized as is (not templated again), so when ``query == apply_chat_template(prompt) + response
-   [+ eos]`` the score equals ``score(prompt, response)``.
+   [+ eos]`` (or the template applied to the prompt and the response as its assistant turn) the score equals
+   ``score(prompt, response)``. With ``restore_bos`` (``/classify``'s ``add_special_tokens``), a prompt part
+   that lacks the BOS token the template starts with gets it back: veRL strips it, expecting vLLM to add it.
 3. Otherwise (no template, or no marker in the query) the whole query is the response to an empty prompt:
    the score equals ``score("", query)``.
 """
@@ -32,17 +36,33 @@ class Scorer:
         self.tok = self.bb.tokenizer
         self.templated = bool(self.cfg.chat_template and getattr(self.tok, "chat_template", None))
         self.marker = self._generation_marker() if self.templated else None
-        specials = [getattr(self.tok, name, None) for name in ("pad_token", "eos_token")]
+        specials = [self._turn_end() if self.templated else None] + [
+            getattr(self.tok, name, None) for name in ("pad_token", "eos_token")]
         self.trailing = tuple(dict.fromkeys(s for s in specials if s))
         self.leading = (self.tok.pad_token,) if getattr(self.tok, "pad_token", None) else ()
+        bos = getattr(self.tok, "bos_token", None)
+        self.bos = bos if self.templated and bos and self._render(False).startswith(bos) else None
+
+    def _render(self, add_generation_prompt: bool, messages=(("user", "x"),)) -> str:
+        msgs = [{"role": r, "content": c} for r, c in messages]
+        return self.tok.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tokenize=False)
 
     def _generation_marker(self) -> str | None:
-        msgs = [{"role": "user", "content": "x"}]
-        with_gen = self.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        without = self.tok.apply_chat_template(msgs, add_generation_prompt=False, tokenize=False)
+        with_gen, without = self._render(True), self._render(False)
         if with_gen.startswith(without) and len(with_gen) > len(without):
             return with_gen[len(without):]
         return None
+
+    def _turn_end(self) -> str | None:
+        """What the template writes after an assistant message's content (``<|im_end|>\\n`` for ChatML)."""
+        mark = "SPARSERM-RESPONSE"
+        try:
+            text = self._render(False, (("user", "x"), ("assistant", mark)))
+        except Exception:  # a template that refuses this conversation has no rule to learn here
+            return None
+        if mark not in text:
+            return None
+        return text[text.rindex(mark) + len(mark):] or None
 
     # ------------------------------------------------------------ encoding (cheap, per request)
 
@@ -76,10 +96,12 @@ class Scorer:
             return q[:cut], q[cut:]
         return None, q
 
-    def encode_query(self, query: str) -> TokenGroup:
+    def encode_query(self, query: str, restore_bos: bool = False) -> TokenGroup:
         ptext, response = self.split_query(query)
         if ptext is None:
             return self.encode("", [response])
+        if restore_bos and self.bos and not ptext.startswith(self.bos):
+            ptext = self.bos + ptext
         return self.encode_templated(ptext, [response])
 
     # ------------------------------------------------------------ the model pass (per batch)
