@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt
 
@@ -300,6 +300,25 @@ class FPOCompareConfig:
 
 
 @dataclass(frozen=True)
+class RegistrySAE:
+    """A sae-lens registry SAE (e.g. GemmaScope), as ``sae.release`` / ``sae.sae_id`` name one."""
+
+    release: str
+    sae_id: str
+
+
+@dataclass(frozen=True)
+class SteerEvalConfig:
+    """``sparserm steer evaluate`` (sparserm.steering.evaluate): eval-split items of the steering data."""
+
+    winrate_prompts: NonNegativeInt = 40  # held-out prompts generated on steered and not, judged by SparseRM
+    mc_questions: NonNegativeInt = 0  # TruthfulQA MC1/MC2 eval-split questions (0: all)
+    hh_pairs: NonNegativeInt = 200  # HH likelihood-harmlessness eval pairs (0: all)
+    map_sizes: tuple[NonNegativeInt, ...] = (100, 250, 0)  # steer.max_triples of the maps compared (0: all)
+    bootstrap: PositiveInt = 1000  # resamples of the paired bootstrap intervals
+
+
+@dataclass(frozen=True)
 class SteerConfig:
     """DSPA-style steering (``sparserm steer``, sparserm.steering): the conditional-difference map built from
     preference triples (``steer build``) and the prompt-conditional SAE edit while decoding (SPEC section 6)."""
@@ -322,6 +341,16 @@ class SteerConfig:
     num_cpus: NonNegativeFloat = 1.0  # per actor
     num_gpus: NonNegativeFloat = 0.0  # per actor
     batch_size: PositiveInt = 16  # triples per actor call (packed forwards within features.max_batch_tokens)
+    # a side with neither <side>_sae_dir nor <side>_sae_registry is trained here with sae-lens (the `sae` section's
+    # settings) at <side>_layer, both sides from one features pass over data.sources (sparserm.steering.saes)
+    input_sae_registry: RegistrySAE | None = None  # instead of input_sae_dir; fetched once into run.cache_dir
+    output_sae_registry: RegistrySAE | None = None
+    sweep_input_layers: tuple[NonNegativeInt, ...] = ()  # `steer layers`: candidate input layers
+    sweep_output_layers: tuple[NonNegativeInt, ...] = ()  # `steer layers`: candidate output layers
+    rm_dir: str | None = None  # `steer evaluate`'s judge (a SparseRM folder); None: align.rm_dir, else trained here
+    audit_latents: PositiveInt = 20  # the audit report's latents (the map's largest by |A| mass)
+    audit_snippets: PositiveInt = 3  # top-activating snippets per audited latent
+    eval: SteerEvalConfig = field(default_factory=SteerEvalConfig)
 
 
 @dataclass(frozen=True)
@@ -338,60 +367,11 @@ class Config:
     steer: SteerConfig = field(default_factory=SteerConfig)
 
     def validate(self) -> "Config":
-        build(Config, to_dict(self))  # the annotations' types, ranges and choices, also for a Config made in code
-        s = self.sae  # a registry/local SAE's width, layer and d_in are checked where it is read (sparserm.sae)
-        _check(s.source != "registry" or bool(s.release and s.sae_id), "sae.release", s.release, "set, with sae.sae_id")
-        _check(s.source != "local" or bool(s.path), "sae.path", s.path, "a folder")
-        _check(s.source != "train" or 2 * self.reward.top_k <= s.width, "reward.top_k", self.reward.top_k,
-               f"<= {s.width // 2}: 2 x top_k disjoint latents of sae.width={s.width}")
-        from sparserm.align.labellers import LABELLERS
-        from sparserm.align.objectives import OBJECTIVES
-        from sparserm.serve.options import validate_serve
+        """Types, ranges and choices (the annotations), then the rules across fields (``sparserm.config_checks``)."""
+        from sparserm.config_checks import validate
 
-        validate_serve(self.serve)
-        a = self.align
-        g, t = a.generate, a.train
-        _check(a.loss.name in OBJECTIVES, "align.loss.name", a.loss.name, "|".join(sorted(OBJECTIVES)))
-        for m in self.fpo.methods:
-            _check(m in OBJECTIVES, "fpo.methods", m, "|".join(sorted(OBJECTIVES)))
-        _check(a.rounds >= 1, "align.rounds", a.rounds, ">= 1")
-        _check(a.reference in ("previous", "base"), "align.reference", a.reference, "previous|base")
-        _check(g.engine in ("auto", "hf", "vllm"), "align.generate.engine", g.engine, "auto|hf|vllm")
-        _check(bool(a.filters) and set(a.filters) <= {"rm", "none"}, "align.filters", a.filters, "a list of rm|none")
-        for task in ("truthfulqa", "harmless"):
-            name = getattr(g.labellers, task)
-            _check(name in LABELLERS, f"align.generate.labellers.{task}", name, "|".join(sorted(LABELLERS)))
-            _check(not (LABELLERS[name].uses_rm and "rm" in a.filters), f"align.generate.labellers.{task}", name,
-                   f"a rule labeller when align.filters has rm: {name} pairs are labelled by the RM itself, so "
-                   "the RM filter would keep every pair (use filters: [none], or another labeller)")
-            _check(name != "judge" or bool(g.judge_model), "align.generate.judge_model", g.judge_model,
-                   "a chat model id or folder for the judge labeller")
-        _check(g.n_samples >= 2, "align.generate.n_samples", g.n_samples, ">= 2")
-        _check(g.vllm.tensor_parallel_size == 1 or g.vllm.num_gpus == 1, "align.generate.vllm.num_gpus",
-               g.vllm.num_gpus, "1 with tensor_parallel_size > 1 (two ranks on one GPU fail in NCCL)")
-        _check(0 < g.vllm.gpu_memory_utilization <= 1, "align.generate.vllm.gpu_memory_utilization",
-               g.vllm.gpu_memory_utilization, "in (0, 1]")
-        _check(t.deepspeed_stage in (0, 1, 2, 3), "align.train.deepspeed_stage", t.deepspeed_stage, "0|1|2|3")
-        _check(t.precision in ("auto", "bf16", "fp32"), "align.train.precision", t.precision, "auto|bf16|fp32")
-        _check(t.backend in ("auto", "nccl", "gloo"), "align.train.backend", t.backend, "auto|nccl|gloo")
-        _check(t.batch_size % (t.micro_batch_size * t.num_workers) == 0, "align.train.batch_size", t.batch_size,
-               "a multiple of micro_batch_size x num_workers")
-        _check(a.loss.beta is None or a.loss.beta > 0, "align.loss.beta", a.loss.beta, "> 0, or unset")
-        from sparserm.steering.conditional_map import SPARSIFIERS
-        from sparserm.steering.edit import MODES
-
-        st = self.steer
-        _check(st.sparsifier in SPARSIFIERS, "steer.sparsifier", st.sparsifier, "|".join(sorted(SPARSIFIERS)))
-        _check(st.mode in MODES, "steer.mode", st.mode, "|".join(sorted(MODES)))
-        _check(st.input_layer is None or st.output_layer is None or st.input_layer <= st.output_layer,
-               "steer.input_layer", st.input_layer, f"<= steer.output_layer={st.output_layer} (the prompt gate is "
-               "read before the edit, in the same forward)")
+        validate(self)
         return self
-
-
-def _check(ok: bool, key: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r} is invalid: expected {expected}")
 
 
 strict(globals())  # every dataclass above: unknown keys and loose types refused

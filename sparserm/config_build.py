@@ -96,6 +96,16 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from exc
 
 
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A config (e.g. one a manifest recorded) with ``key.sub=value`` overrides on top, validated."""
+    from sparserm.config import Config
+
+    tree = to_dict(cfg)
+    for item in overrides:
+        _set_path(tree, *parse_override(item))
+    return build(Config, tree).validate()
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults <- YAML file <- ``key.sub=value`` overrides, validated; relative paths are from the current folder."""
     from sparserm.config import Config

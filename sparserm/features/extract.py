@@ -138,24 +138,16 @@ def extract_to_shards(rows: list[dict], out_dir: str, model_cfg: ModelConfig, fe
     """One Ray Data execution over ``rows`` (dicts with prompt/chosen/rejected/source/row_id/split), the
     actors writing Parquet shards into ``out_dir``. Rows are ordered by length so batches hold texts of
     similar size. ``on_batch(pairs, tokens_computed)`` is called in the driver as each batch finishes."""
-    import ray
+    from sparserm.data.ray_dataset import actor_pass
 
     if not rows:
         return
     ordered = sorted(rows, key=lambda r: len(r["prompt"]) + len(r["chosen"]) + len(r["rejected"]))
     # One block per batch, each at most batch_size pairs, handed whole to an actor call (batch_size=None):
     # re-batching blocks of other sizes leaves remainder calls of a pair or two.
-    ds = ray.data.from_items(ordered, override_num_blocks=math.ceil(len(ordered) / max(1, features_cfg.batch_size)))
-    ds = ds.map_batches(
-        ResidualExtractor,
-        fn_constructor_kwargs={"model_cfg": asdict(model_cfg), "features_cfg": asdict(features_cfg),
-                               "cache_dir": cache_dir, "seed": seed, "out_dir": out_dir},
-        batch_size=None,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=features_cfg.num_actors),
-        num_cpus=features_cfg.num_cpus,
-        num_gpus=features_cfg.num_gpus or None,
-    )
+    ds = actor_pass(ordered, ResidualExtractor, {"model_cfg": asdict(model_cfg), "features_cfg": asdict(features_cfg),
+                                                 "cache_dir": cache_dir, "seed": seed, "out_dir": out_dir},
+                    blocks=math.ceil(len(ordered) / max(1, features_cfg.batch_size)), resources=features_cfg)
     for receipt in ds.iter_batches(batch_format="numpy", batch_size=None):
         if on_batch is not None:
             on_batch(len(receipt["row_id"]), int(receipt["n_computed"].sum()))

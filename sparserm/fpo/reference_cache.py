@@ -162,33 +162,19 @@ def build_reference_cache(cfg: Config, pairs: list[dict], out_dir: str | Path, *
 
 def _run_pass(cfg: Config, pairs: list[dict], key: dict, adapter: str | None, sae_dir: str, layer: int,
               progress: bool) -> pa.Table:
-    import ray
-
+    from sparserm.data.ray_dataset import actor_pass, collect_sorted
     from sparserm.reward.train_head import ensure_ray
 
     ensure_ray(cfg.run.ray_address)
     rc = cfg.align.reference_cache
     items = [{"pair": i, "prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]}
              for i, p in enumerate(pairs)]
-    ds = ray.data.from_items(items, override_num_blocks=len(forward_batches(len(items), rc.batch_size)))
-    ds = ds.map_batches(
-        ReferencePass,
-        fn_constructor_kwargs={"model_cfg": to_dict(cfg.model), "cache_dir": str(cfg.run.cache_dir),
-                               "adapter": adapter, "sae_dir": str(sae_dir), "layer": int(layer),
-                               "max_tokens": key["max_tokens"], "dtype": key["dtype"], "use_gpu": rc.num_gpus > 0},
-        batch_size=None,  # one block = one forward (forward_batches)
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=rc.num_actors),
-        num_cpus=rc.num_cpus,
-        num_gpus=rc.num_gpus or None,
-    )
-    tables, done = [], 0
-    for t in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        tables.append(t)
-        done += len(t)
-        if progress:
-            print(f"[reference-cache] {done}/{len(items)} pairs", flush=True)
-    return pa.concat_tables(tables).sort_by("pair")
+    ds = actor_pass(items, ReferencePass, {"model_cfg": to_dict(cfg.model), "cache_dir": str(cfg.run.cache_dir),
+                                           "adapter": adapter, "sae_dir": str(sae_dir), "layer": int(layer),
+                                           "max_tokens": key["max_tokens"], "dtype": key["dtype"],
+                                           "use_gpu": rc.num_gpus > 0},
+                    blocks=len(forward_batches(len(items), rc.batch_size)), resources=rc)  # one block, one forward
+    return collect_sorted(ds, "pair", len(items), "[reference-cache] pairs", progress)
 
 
 @dataclass

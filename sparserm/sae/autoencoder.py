@@ -62,7 +62,8 @@ class SparseAutoencoder:
             raise SAELoadError(f"{path} is not a sae-lens SAE folder (no cfg.json)")
         meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).is_file() else {}
         sae = SAE.load_from_disk(str(path), device=str(device))
-        return cls(sae, source=meta.get("source", "local"), layer=meta.get("layer"), path=str(path))
+        return cls(sae, source=meta.get("source", "local"), layer=meta.get("layer"), release=meta.get("release"),
+                   sae_id=meta.get("sae_id"), neuronpedia_id=meta.get("neuronpedia_id"), path=str(path))
 
 
 def registry_entry(release: str, sae_id: str):

@@ -30,12 +30,11 @@ from ray import serve
 
 from sparserm.serve.config import ServeConfig
 from sparserm.serve.errors import ServeRequestError, validation_error
-from sparserm.serve.guard import ENV, GuardSpec, bind, guarded_app, token_digest
+from sparserm.serve.guard import ENV, GuardSpec, add_health, bind, guarded_app, token_digest
 from sparserm.serve.limits import limit_items
 from sparserm.serve.options import deployment_options, validate_serve
 from sparserm.serve.schema import (ClassifyData, ClassifyRequest, ClassifyResponse, ClassifyUsage, CompareRequest,
-                                   CompareResponse, HealthResponse, RewardRequest, RewardResponse, ScoreRequest,
-                                   ScoreResponse)
+                                   CompareResponse, RewardRequest, RewardResponse, ScoreRequest, ScoreResponse)
 from sparserm.serve.scoring import batch_chunks, batch_size_fn
 
 _INLINE_ENCODE_CHARS = 20_000
@@ -171,11 +170,7 @@ class RewardModelServer:
                                       "/healthz when the server was started with a token. Every error body is "
                                       "ErrorBody.")
         server = self
-
-        @app.get("/healthz", response_model=HealthResponse)
-        async def healthz() -> HealthResponse:
-            return HealthResponse(status="ok", model=server.model_name)
-
+        add_health(app, server.model_name)
         for path, body, answer, op in POST_ROUTES:
             app.add_api_route(path, _endpoint(getattr(server, op), body), methods=["POST"], response_model=answer,
                               name=op.lstrip("_"))

@@ -15,7 +15,8 @@ An app is ``guarded_app(spec, title=...)`` plus its routes; Serve's proxy is bou
 * **OpenAPI**: every operation lists the errors above that it can answer, all with the ErrorBody schema (FastAPI's
   own 422 schema, which no body matched, is gone), the bearer scheme when auth is on, and 503, which Serve's proxy
   (not the app) answers in text/plain when no replica can take the request. A route declares any further error of
-  its own with ``responses={404: error_doc("...")}``.
+  its own with ``responses={404: error_doc("...")}``; models that only such a hand-written entry references are
+  added to the document's components with ``guarded_app(..., schemas=(Model, ...))``.
 """
 from __future__ import annotations
 
@@ -82,8 +83,9 @@ def error_doc(description: str) -> dict:
     return {"model": ErrorBody, "description": description}
 
 
-def guarded_app(spec: GuardSpec, **fastapi_kwargs):
-    """A FastAPI app with the guard, the error handlers and the error-listing OpenAPI document."""
+def guarded_app(spec: GuardSpec, *, schemas: tuple = (), **fastapi_kwargs):
+    """A FastAPI app with the guard, the error handlers and the error-listing OpenAPI document (with the pydantic
+    models ``schemas`` in its components too)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
@@ -110,11 +112,20 @@ def guarded_app(spec: GuardSpec, **fastapi_kwargs):
 
     def openapi() -> dict:
         if getattr(app, "_documented", None) is None:
-            app._documented = document_errors(copy.deepcopy(build()), spec)
+            app._documented = add_schemas(document_errors(copy.deepcopy(build()), spec), schemas)
         return app._documented
 
     app.openapi = openapi
     return app
+
+
+def add_health(app, model: str) -> None:
+    """``GET /healthz`` on ``app``: ``{"status": "ok", "model": model}`` (open with auth on, ``OPEN_PATHS``)."""
+    from sparserm.serve.schema import HealthResponse
+
+    @app.get("/healthz", response_model=HealthResponse)
+    async def healthz() -> HealthResponse:
+        return HealthResponse(status="ok", model=model)
 
 
 def error_response(status: int, body: dict, headers: dict | None = None):
@@ -199,9 +210,7 @@ def document_errors(doc: dict, spec: GuardSpec) -> dict:
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
-    body = ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}", mode="serialization")
-    schemas.update(body.pop("$defs", {}))
-    schemas["ErrorBody"] = body
+    add_schemas(doc, (ErrorBody,))
     auth = spec.token_sha256 is not None
     opened = {p.rstrip("/") for p in spec.open_paths}
     for path, item in doc.get("paths", {}).items():
@@ -220,4 +229,14 @@ def document_errors(doc: dict, spec: GuardSpec) -> dict:
             responses["503"] = _PROXY_503
     if auth:
         doc["components"].setdefault("securitySchemes", {})["bearer"] = {"type": "http", "scheme": "bearer"}
+    return doc
+
+
+def add_schemas(doc: dict, models) -> dict:
+    """The pydantic ``models`` (and the models they use) in the document's components, by class name."""
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    for model in models:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}", mode="serialization")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
     return doc

@@ -4,11 +4,16 @@
   SAE encodes the residual at that row's real tokens (``attention_mask``), ``g(x)`` is their activation density
   and the row's :class:`SteeringVector` is computed from it (``vector.steering_vector``), once. A row given a vector
   up front (e.g. the same latents for every prompt) or not steered is not gated.
-- The edit, on the output block, at every forward: the residual ``h`` at the last position (in the prompt forward
-  the last prompt token, which emits the first generated token; after it, the token fed back, which emits the next
-  one) of each steered row is encoded, ``a = encode(h)``, edited (``edit.edit_latents``: only selected latents
-  already active, by the row's mode) to ``a'``, and ``h + decode(a') - decode(a)`` replaces it, so the SAE's
-  reconstruction error stays in the residual. A row whose latents did not change is left bit for bit as it was.
+- The edit, on the output block, at every forward: the residual ``h`` at each position that emits a response
+  token (in the prompt forward only the last prompt token, which emits the first response token; in every later
+  forward each position it holds: in decoding the one token fed back, which emits the next one; when a response is
+  scored rather than generated, ``steering.likelihood``, every response token after the prompt, each of which
+  predicts the next) of each steered row is encoded, ``a = encode(h)``, edited (``edit.edit_latents``: only
+  selected latents already active, by the row's mode) to ``a'``, and ``h + decode(a') - decode(a)`` replaces it,
+  so the SAE's reconstruction error stays in the residual. A position whose latents did not change is left bit
+  for bit as it was. A later forward may hold each request's row repeated (``rep`` consecutive rows per request,
+  as a KV cache's ``batch_repeat_interleave`` lays out several responses scored after one prompt); every copy
+  gets its request's vector.
 
 Left padding keeps every row's last position real, and each row carries its own vector, alpha and mode, so a
 request is steered the same alone or in a batch. Per row and forward the hook records which latents changed;
@@ -34,8 +39,10 @@ class SteerRun:
     settings: list[SteerSettings | None]  # None or enabled=False: the row is not steered
     vectors: list[SteeringVector | None]
     trace: list[dict] | None = None  # per forward: rows, h, a, a', h' (tests)
-    steps: list[dict[int, torch.Tensor]] = field(default_factory=list)  # per forward: row -> latents changed
+    # per forward: row -> (positions edited, latents changed at them, one entry per position and latent)
+    steps: list[dict[int, tuple[int, torch.Tensor]]] = field(default_factory=list)
     packed: tuple | None = None  # (rows, latents [R, k], scores [R, k], alpha [R], modes) of the steered rows
+    prompt_done: bool = False  # the prompt forward has run (later forwards edit every position they hold)
 
     def needs_gate(self) -> list[int]:
         return [b for b, (s, v) in enumerate(zip(self.settings, self.vectors))
@@ -58,9 +65,9 @@ class SteerRun:
         latent edits in all."""
         out = []
         for b, n in enumerate(n_steps):
-            changed = [step[b] for step in self.steps[:n] if b in step and len(step[b])]
-            ids = torch.cat(changed) if changed else torch.empty(0, dtype=torch.long)
-            out.append({"edited_tokens": len(changed), "edited_latents": int(ids.unique().numel()),
+            changed = [step[b] for step in self.steps[:n] if b in step and step[b][0]]
+            ids = torch.cat([c[1] for c in changed]) if changed else torch.empty(0, dtype=torch.long)
+            out.append({"edited_tokens": sum(c[0] for c in changed), "edited_latents": int(ids.unique().numel()),
                         "latent_edits": int(ids.numel())})
         return out
 
@@ -129,27 +136,43 @@ class SteeringHook:
     def _edit(self, run: SteerRun):
         def hook(_module, _inputs, output):
             rows, latents, scores, alpha, modes = run.packed
+            first, run.prompt_done = not run.prompt_done, True
             if not rows:
                 run.steps.append({})
                 return None
             h = _hidden(output)
-            x = h[rows, -1]
+            B = run.attention_mask.shape[0]
+            if h.shape[0] % B:
+                raise RuntimeError(f"steering edit: a forward of {h.shape[0]} rows for a batch of {B}")
+            rep = h.shape[0] // B  # > 1: the batch repeated row by row (a cache's batch_repeat_interleave)
+            n_pos = 1 if first else h.shape[1]
+            if rep == 1 and n_pos == 1:  # decoding: one position per row
+                idx, each = torch.as_tensor(rows, device=h.device), 1
+            else:
+                idx = torch.as_tensor([b * rep + r for b in rows for r in range(rep)], device=h.device)
+                each = rep * n_pos
+            x = h[idx, -n_pos:].reshape(-1, h.shape[-1])
             a = self.output_sae.encode(x)
+            if each > 1:
+                latents, scores, alpha = (t.repeat_interleave(each, 0) for t in (latents, scores, alpha))
+                modes = [m for m in modes for _ in range(each)]
             a2 = edit_latents(a, latents, scores, alpha, modes)
             changed = a2 != a
             moved = changed.any(-1)
-            run.steps.append({b: changed[j].nonzero().flatten().cpu() for j, b in enumerate(rows)})
+            at = changed.cpu().view(len(rows), each, -1)  # one device-to-host copy per forward
+            run.steps.append({b: (int(at[j].any(-1).sum()), at[j].nonzero()[:, 1]) for j, b in enumerate(rows)})
             new = x.clone()
             if bool(moved.any()):
                 delta = self.output_sae.decode(a2[moved]) - self.output_sae.decode(a[moved])
                 new[moved] = x[moved] + delta.to(x.dtype)
             if run.trace is not None:
-                run.trace.append({"rows": list(rows), "h": x.detach().clone(), "a": a, "a_edited": a2,
+                owner = [b for b in rows for _ in range(each)]  # the request of each edited (row, position)
+                run.trace.append({"rows": owner, "h": x.detach().clone(), "a": a, "a_edited": a2,
                                   "h_edited": new.detach().clone()})
             if not bool(moved.any()):
                 return None
             out = h.clone()
-            out[rows, -1] = new
+            out[idx, -n_pos:] = new.reshape(len(idx), n_pos, -1)
             return _with_hidden(output, out)
 
         return hook

@@ -10,6 +10,8 @@ a dense one 1 GiB.
 triples and a hash of their texts, the sparsifier and the settings it reads; a folder holding another key is
 refused naming the fields that differ) and ``map`` (sizes, both SAE folders, token counts, seconds). The manifest
 is written last: a folder without one holds no map.
+
+``densities.safetensors`` holds the per-triple densities G and D the map was formed from (``save_densities``).
 """
 from __future__ import annotations
 
@@ -17,12 +19,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from sparserm.config import Config, build
 from sparserm.manifest import StaleArtifactError, check_key, folder_hash, model_key, stable_hash
 from sparserm.steering.conditional_map import ConditionalMap, sparsifier_key
 from sparserm.steering.sources import SAESide
 
-MAP_FILE, MANIFEST = "map.safetensors", "manifest.json"
+MAP_FILE, MANIFEST, DENSITIES = "map.safetensors", "manifest.json", "densities.safetensors"
 STAGE = "steer-map"
 DENSITY = "share_of_own_tokens_active"  # how g and rho are computed (a change of definition changes every key)
 
@@ -48,6 +52,33 @@ def save_map(map_dir: Path, cmap: ConditionalMap) -> Path:
     save_file(cmap.tensors(), str(tmp))
     tmp.replace(path)
     return path
+
+
+def save_densities(map_dir: Path, G: torch.Tensor, D: torch.Tensor) -> Path:
+    """The per-triple densities the map was formed from, G [N, m_in] and D [N, m_out], each as CSR over the triples
+    (``g.*`` / ``drho.*``, the layout of ``map.safetensors``); the static baseline and the audit read them."""
+    from safetensors.torch import save_file
+
+    tensors = {f"{name}.{k}": v for name, X in (("g", G), ("drho", D))
+               for k, v in ConditionalMap.from_dense(X).tensors().items()}
+    path = map_dir / DENSITIES
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def load_densities(map_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G [N, m_in], D [N, m_out]) of a map folder, dense."""
+    from safetensors.torch import load_file
+
+    path = Path(map_dir) / DENSITIES
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the map was built before densities were stored; run "
+                                "`sparserm steer build` on the folder again (the same key rebuilds it)")
+    t = load_file(str(path))
+    return tuple(ConditionalMap.from_tensors({k: t[f"{name}.{k}"] for k in ("indptr", "indices", "values", "m_out")})
+                 .dense() for name in ("g", "drho"))
 
 
 @dataclass

@@ -105,3 +105,15 @@ def test_both_sides_of_a_contrastive_pair_see_the_same_prompt_window(tok):
     bodies = [t.split("<|im_end|>\n", 1)[1] for t in texts[:2]]  # everything after the system turn
     assert bodies[0] == bodies[1] and short[0]["content"] in texts[0] and long[0]["content"] in texts[1]
     assert ids[2] == render(tok, [{"role": "user", "content": "Hi?"}])
+
+
+@pytest.mark.timeout(60)
+def test_a_cut_inside_a_multibyte_character_still_shortens_the_prompt(tok):
+    """Byte-level tokens: a cut can land inside "é", which decodes to U+FFFD and re-encodes to as many tokens
+    as before; the cut moves on instead of looping, and no replacement character is left at the start."""
+    for n in (70, 71, 300):
+        msgs = [{"role": "user", "content": "é" * n}]
+        ids = render_clipped(tok, msgs, 64)
+        assert len(ids) <= 64
+        text = tok.decode(ids)
+        assert "\ufffd" not in text and "éé" in text

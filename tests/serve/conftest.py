@@ -1,8 +1,11 @@
-"""A tiny reward model served on 127.0.0.1 for the whole session: two apps on one HTTP proxy.
+"""A tiny reward model and a steered chat app on the tiny model, served on 127.0.0.1 for the whole session, all on
+one HTTP proxy (``serve_port``).
 
 * ``sparserm`` at ``/``: no auth, over-long texts rejected (413).
 * ``sparserm-auth`` at ``/auth``: bearer token (from the environment), over-long texts truncated and reported.
-Both with small limits so the 413 paths are cheap to hit.
+* ``steer_service`` (started only when a test asks for it): the steered chat at ``/steer`` with a reward model at
+  ``/both/rm``, both started as ``sparserm serve all`` does, with the bearer token.
+All with small limits so the 413 paths are cheap to hit.
 """
 from __future__ import annotations
 
@@ -12,6 +15,9 @@ import pytest
 
 TOKEN = "test-token-123"
 LIMITS = dict(max_items_per_request=8, max_text_chars=400, max_batch_size=4, num_cpus=0.25)
+# chat prompts for the steered chat tests
+ASK = [{"role": "user", "content": "How do I bake bread?"}]
+JOKE = [{"role": "user", "content": "Tell me a joke about the capital of France, please, a long one."}]
 
 
 def free_port() -> int:
@@ -35,7 +41,12 @@ def rm(rm_dir):
 
 
 @pytest.fixture(scope="session")
-def service(ray_session, rm_dir):
+def serve_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def service(ray_session, rm_dir, serve_port):
     """Started through :func:`sparserm.serve.app.start`, as ``sparserm serve rm`` does; the second app reads its
     token from the environment variable ``serve.auth_env``, the first is started with auth off."""
     from dataclasses import replace
@@ -45,7 +56,7 @@ def service(ray_session, rm_dir):
     from sparserm.serve.app import start
     from sparserm.serve.config import ServeConfig
 
-    cfg = ServeConfig(port=free_port(), **LIMITS)
+    cfg = ServeConfig(port=serve_port, **LIMITS)
     start(rm_dir, cfg, name="sparserm", token=None)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(cfg.auth_env, TOKEN)
@@ -53,3 +64,31 @@ def service(ray_session, rm_dir):
     base = f"http://127.0.0.1:{cfg.port}"
     yield {"url": base, "auth_url": base + "/auth", "token": TOKEN, "app": "sparserm", "cfg": cfg}
     serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def steer_service(ray_session, rm_dir, steer_map, serve_port):
+    """The session's steering map at ``/steer`` and a reward model at ``/both/rm``, started through
+    :func:`sparserm.serve.steer_app.start_all` as ``sparserm serve all`` does, with the token from the environment."""
+    from ray import serve
+
+    from sparserm.serve.config import ServeConfig
+    from sparserm.serve.steer_app import start_all
+
+    cfg = ServeConfig(port=serve_port, **LIMITS)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(cfg.auth_env, TOKEN)
+        start_all(rm_dir, steer_map, cfg, rm_prefix="/both/rm", steer_prefix="/steer", rm_name="both-rm",
+                  steer_name="steer")
+    base = f"http://127.0.0.1:{cfg.port}"
+    yield {"url": base + "/steer", "rm_url": base + "/both/rm", "token": TOKEN, "map_dir": steer_map, "cfg": cfg}
+    serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def steer_client(steer_service):
+    """The official ``openai`` client on the steered chat app, with its token and no retries."""
+    import openai
+
+    return openai.OpenAI(base_url=steer_service["url"] + "/v1", api_key=steer_service["token"], max_retries=0,
+                         timeout=120)

@@ -6,21 +6,16 @@ from __future__ import annotations
 import pytest
 import requests
 import schemathesis
-from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
-from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
-                                               status_code_conformance)
 
+from tests.serve.conformance import conforms
 from tests.serve.conftest import LIMITS
 
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 ROUTES = {("/healthz", "GET"), ("/v1/score", "POST"), ("/v1/compare", "POST"), ("/get_reward", "POST"),
           ("/classify", "POST")}
 # valid requests for every route, invalid ones for every route that takes input (GET /healthz takes none)
 CASES = [(p, m, mode) for p, m in sorted(ROUTES) for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
          if m == "POST" or mode == GenerationMode.POSITIVE]
-EXAMPLES = 8  # per route, app and mode: a few seconds in all on the tiny RM
 
 
 @pytest.fixture(scope="module")
@@ -41,15 +36,7 @@ def test_every_route_conforms(request, service, path, method, mode, app):
     never a server error, its status is documented for the route, and its body matches the documented schema."""
     base = service["url"] if app == "rm_api" else service["auth_url"]
     headers = {"Authorization": f"Bearer {service['token']}"} if app == "rm_api_auth" else None
-    operation = request.getfixturevalue(app)[path][method]
-
-    @settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck))
-    @given(case=operation.as_strategy(mode))
-    def check(case):
-        case.call_and_validate(base_url=base, headers=headers, checks=CHECKS, timeout=60)
-
-    check()
+    conforms(request.getfixturevalue(app)[path][method], mode, base, headers)
 
 
 def _spec(url: str, token: str | None = None) -> dict:

@@ -110,6 +110,7 @@ def test_cli_build_prints_the_folder_and_refuses_a_mismatch(tmp_path, steer_over
     assert main(["steer", "build", *steer_overrides, "--output-dir", str(out)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1] == str(out) and json.loads(lines[-2])["m_in"] == 128
+    assert (out / "audit.md").is_file() and json.loads((out / "audit.json").read_text())["latents"]  # audited too
     assert main(["steer", "build", *steer_overrides, "steer.sparsifier=threshold", "--output-dir", str(out)]) == 1
     assert "sparsifier.name" in capsys.readouterr().err
     assert main(["steer", "build", *steer_overrides, "steer.input_sae_dir=/nonexistent", "--output-dir",

@@ -73,9 +73,20 @@ def clip_messages(tokenizer, messages: list[dict], max_tokens: int, use_chat_tem
             drop = body[:2] if messages[body[0]]["role"] == "user" and len(body) > 2 else body[:1]
             messages = [m for i, m in enumerate(messages) if i not in drop]
         elif excess < len(content):
-            first["content"] = tokenizer.decode(content[excess:]).lstrip()
+            first["content"] = _cut_start(tokenizer, content, excess)
         else:
             raise ValueError(f"max_prompt_tokens={max_tokens} leaves no room for the prompt: the system "
                              f"instruction and template alone take {len(ids) - len(content)} tokens")
         ids = render(tokenizer, messages, use_chat_template)
     return messages
+
+
+def _cut_start(tokenizer, content: list[int], k: int) -> str:
+    """The text of ``content`` without its first ``k`` tokens or more: a cut inside a character (a byte-level
+    token) leaves replacement characters, which are dropped, and the text re-encodes to fewer tokens than
+    ``content`` (else the cut moves on), so every cut shortens the prompt."""
+    for start in range(k, len(content)):
+        text = tokenizer.decode(content[start:]).lstrip().lstrip("\ufffd").lstrip()
+        if len(tokenizer(text, add_special_tokens=False)["input_ids"]) < len(content):
+            return text
+    return ""
