@@ -243,3 +243,22 @@ def test_validation_settings_stay_out_of_the_keys_at_their_defaults(tiny_align_c
         tiny_align_config("align.train.val_fraction=0.5")
     with pytest.raises(ValueError, match="needs align.train.val_fraction"):
         train_dpo(tiny_align_config("align.train.patience=2"), dpo_pairs, storage_dir=tmp_path, name="x")
+
+
+def test_zero_0_on_one_worker_without_the_all_reduce_trains_as_zero_2(tiny_align_config, ray_session, tmp_path,
+                                                                          dpo_pairs):
+    """ZeRO stage 0 on one worker turns DeepSpeed's gradient all-reduce off (the identity there, and a flat copy of
+    every gradient): the run's losses and adapter equal those of ZeRO-2, which needs the all-reduce."""
+    from sparserm.align.trainer import train_dpo
+
+    runs = {}
+    for stage in (0, 2):
+        cfg = tiny_align_config("align.train.epochs=2", "align.train.lr=5e-3", f"align.train.deepspeed_stage={stage}")
+        runs[stage] = train_dpo(cfg, dpo_pairs[:4], storage_dir=tmp_path, name=f"z{stage}", progress=False)
+    assert [h["loss"] for h in runs[0]["history"]] == pytest.approx([h["loss"] for h in runs[2]["history"]], abs=1e-5)
+    assert runs[0]["history"][1]["loss"] < runs[0]["history"][0]["loss"]  # it trained
+    a0 = load_file(str(Path(runs[0]["adapter"]) / "adapter_model.safetensors"))
+    a2 = load_file(str(Path(runs[2]["adapter"]) / "adapter_model.safetensors"))
+    assert a0.keys() == a2.keys() and any(v.abs().sum() > 0 for k, v in a0.items() if "lora_B" in k)
+    for k in a0:
+        torch.testing.assert_close(a0[k], a2[k], rtol=1e-4, atol=1e-6)
