@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from sparserm.align.engines.base import Sampling, render_prompts
+from sparserm.align.engines.base import Sampling, left_pad, render_prompts
 from sparserm.steering.hook import SteeringHook
 from sparserm.steering.store import SteeringMap, load_map
 from sparserm.steering.vector import SteerSettings, SteeringVector
@@ -62,17 +62,6 @@ class RowEnds(StoppingCriteria):
             if self.on_token is not None and self.on_token(b, t):
                 self.how[b] = "stop"
         return torch.tensor([h is not None for h in self.how], dtype=torch.bool, device=input_ids.device)
-
-
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention mask) [B, T] of prompts padded on the left, so every prompt ends at the last column."""
-    n = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), n), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(prompts), n, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, n - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, n - len(p):] = 1
-    return ids, mask
 
 
 class SteeredGenerator:

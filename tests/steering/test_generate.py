@@ -20,7 +20,7 @@ def gen(steer_map):
 def plain_greedy(gen, conversations):
     """``model.generate`` with no hook at all, on the same left-padded batch."""
     from sparserm.align.engines.base import render_prompts
-    from sparserm.steering.generate import left_pad
+    from sparserm.align.engines.base import left_pad
 
     s = gen.sampling(temperature=0.0)
     prompts = render_prompts(gen.tokenizer, conversations, s.max_prompt_tokens, True)

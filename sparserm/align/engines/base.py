@@ -90,3 +90,16 @@ def _cut_start(tokenizer, content: list[int], k: int) -> str:
         if len(tokenizer(text, add_special_tokens=False)["input_ids"]) < len(content):
             return text
     return ""
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """(ids, attention mask) [B, T] of prompts padded on the left, so every prompt ends at the last column."""
+    import torch
+
+    n = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), n), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), n, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, n - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, n - len(p):] = 1
+    return ids, mask

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from sparserm.align.engines.base import Sampling, render, render_prompts
+from sparserm.align.engines.base import Sampling, left_pad, render, render_prompts
 
 
 class HFPolicy:
@@ -69,19 +69,14 @@ class HFPolicy:
         with self._policy():
             for b in range(0, len(order), batch_size):
                 idx = order[b: b + batch_size]
-                n = max(len(prompts[i]) for i in idx)
-                ids = torch.full((len(idx), n), tok.pad_token_id, dtype=torch.long)
-                mask = torch.zeros(len(idx), n, dtype=torch.long)
-                for j, i in enumerate(idx):
-                    ids[j, n - len(prompts[i]):] = torch.tensor(prompts[i])
-                    mask[j, n - len(prompts[i]):] = 1
+                ids, mask = left_pad([prompts[i] for i in idx], tok.pad_token_id)
                 torch.manual_seed(seed * 1_000_003 + b)
                 gen = self.model.generate(
                     input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=s.temperature > 0,
                     temperature=s.temperature if s.temperature > 0 else None, top_p=s.top_p if s.temperature > 0 else None,
                     max_new_tokens=s.max_new_tokens, pad_token_id=tok.pad_token_id)
                 for j, i in enumerate(idx):
-                    new = gen[j, n:].tolist()
+                    new = gen[j, ids.shape[1]:].tolist()
                     finished = tok.eos_token_id in new
                     if finished:
                         new = new[: new.index(tok.eos_token_id)]
