@@ -36,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.fpo_memory_runs import METHODS, run_method, shared_inputs  # noqa: E402
+from benchmarks.machine import cpu_info  # noqa: E402
 
 FINETUNE = ("full", "lora")
 # ratio name -> (FPO against, measure, upper bound)
@@ -85,6 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--layer", type=int, default=None, help="FPO's SAE block (default: half the model's blocks)")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="auto: the trainer on a GPU where CUDA is present")
+    ap.add_argument("--malloc-mmap-threshold", type=int, default=65536,
+                    help="glibc's mmap threshold in bytes for every run's processes, so peak RSS counts live memory "
+                         "(see fpo_memory_runs.run_env); 0: glibc's default, which keeps freed tensors")
     ap.add_argument("--ray-cpus", type=int, default=2, help="num_cpus of each run's ray.init")
     ap.add_argument("--torch-threads", type=int, default=0, help="align.train.torch_threads (0: the trainer's rule)")
     ap.add_argument("--repeats", type=int, default=1,
@@ -225,21 +229,6 @@ def run_line(run: dict, use_gpu: bool) -> str:
             f"load {run.get('loadavg_1min_before')}->{run.get('loadavg_1min_after')}")
 
 
-def cpu_info() -> dict:
-    name, flags = None, set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and name is None:
-                name = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    return {"model_name": name, "cores": os.cpu_count(), "avx2": "avx2" in flags, "avx512": "avx512f" in flags,
-            "avx512_bf16": "avx512_bf16" in flags, "amx": bool({"amx_tile", "amx_bf16"} & flags)}
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
@@ -277,7 +266,7 @@ def main(argv=None) -> dict:
             "device": "cuda" if use_gpu else "cpu",
             "gpu": torch.cuda.get_device_name(0) if use_gpu else None,
             "cpu": cpu_info(), "torch_threads": threads, "torch": torch.__version__,
-            "repeats": args.repeats,
+            "malloc_mmap_threshold": args.malloc_mmap_threshold or None, "repeats": args.repeats,
             "runs": {f"{r['finetune']}_{r['method']}" + (f"_r{r['repeat']}" if "repeat" in r else ""):
                      {"peak_mb": peak_mb(r.get("row") or {}, use_gpu),
                       **{k: v for k, v in r.items() if k not in ("finetune", "method")}} for r in runs},

@@ -182,6 +182,20 @@ def child(spec_file: str) -> None:
     Path(spec["result"]).write_text(json.dumps(out))
 
 
+def run_env(mmap_threshold: int) -> dict:
+    """The environment of a run's process (and so of the Ray it starts, raylet and workers included).
+
+    ``mmap_threshold`` > 0 fixes glibc's mmap threshold (``MALLOC_MMAP_THRESHOLD_``) at that many bytes: every
+    larger allocation, every tensor that matters, is its own mapping and goes back to the OS when freed. By
+    default glibc raises the threshold as large blocks are freed and then keeps freed tensors in its heap, so
+    peak RSS also counts memory the process no longer uses, in amounts that depend on the order of frees. With
+    the threshold fixed, peak RSS counts live memory, as peak allocated memory does on a GPU."""
+    env = dict(os.environ)
+    if mmap_threshold > 0:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(int(mmap_threshold))
+    return env
+
+
 def launch(spec: dict, work: Path, timeout: float) -> dict:
     """Run one method in a fresh process; its result, or the error and the tail of its log."""
     spec_file = work / f"{spec['name']}.spec.json"
@@ -192,7 +206,8 @@ def launch(spec: dict, work: Path, timeout: float) -> dict:
     with open(log, "w") as fh:
         try:
             proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(spec_file)],
-                                  stdout=fh, stderr=subprocess.STDOUT, timeout=timeout, cwd=str(ROOT))
+                                  stdout=fh, stderr=subprocess.STDOUT, timeout=timeout, cwd=str(ROOT),
+                                  env=run_env(spec.get("malloc_mmap_threshold", 0)))
             rc = proc.returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
@@ -214,6 +229,7 @@ def run_method(args, inputs: SimpleNamespace, work: Path, finetune: str, method:
     spec = {"name": name, "overrides": run_overrides(args, method, finetune, inputs.model_name, inputs.cache_dir,
                                                       inputs.sae_dir, use_gpu),
             "pairs": str(inputs.pairs_file), "storage": str(work / "runs"), "ray_cpus": args.ray_cpus,
+            "malloc_mmap_threshold": args.malloc_mmap_threshold,
             "result": str(work / f"{name}.result.json")}
     for attempt in range(1, args.retries + 2):
         shutil.rmtree(work / "runs" / name, ignore_errors=True)  # a failed try starts afresh

@@ -59,6 +59,31 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
+# Logits of one chunk of response positions in the memory-saving path: this many elements ([positions, vocab])
+# at a time, about 16 MB in fp32; a 49k vocabulary makes that 85 positions.
+LOGIT_CHUNK_ELEMENTS = 1 << 22
+
+
+def chunked_token_logprobs(head, h: torch.Tensor, targets: torch.Tensor, vocab: int,
+                           chunk_elements: int = LOGIT_CHUNK_ELEMENTS) -> torch.Tensor:
+    """log p(target) [N] float32 of each row of ``h`` [N, d] (final hidden states) under ``head`` (hidden ->
+    logits over ``vocab`` tokens), a chunk of rows at a time. With gradients on, each chunk's logits are recomputed in backward
+    (``torch.utils.checkpoint``) instead of kept: the [N, V] logits, their log-softmax and its gradient never
+    exist at once, only one chunk's. Equal to ``token_logprobs(head(h), targets)`` up to float rounding."""
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk_lp(hc, tc):
+        return token_logprobs(head(hc), tc)
+
+    if h.shape[0] == 0:
+        return h.new_zeros(0, dtype=torch.float32)
+    step = max(1, chunk_elements // vocab)
+    grad = torch.is_grad_enabled() and h.requires_grad
+    parts = [checkpoint(chunk_lp, h[i:i + step], targets[i:i + step], use_reentrant=False) if grad
+             else chunk_lp(h[i:i + step], targets[i:i + step]) for i in range(0, h.shape[0], step)]
+    return torch.cat(parts)
+
+
 def response_logprobs(model, batch: SequenceBatch, average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum (``average``: mean) over response tokens of log p(token | everything before it), [B] float32, and
     the response token counts [B] (float32, exact: counted in integers), as ``group_logprobs`` returns them."""

@@ -13,11 +13,13 @@ so what is cached is exactly what the online computation gives.
 from __future__ import annotations
 
 import contextlib
+import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
 
-from sparserm.align.logprobs import SequenceBatch, encode_batch
+from sparserm.align.logprobs import SequenceBatch, chunked_token_logprobs, encode_batch
 from sparserm.align.objectives import PairStats
 
 NEEDS = ("token", "features")  # beyond the PairStats every forward returns
@@ -86,24 +88,79 @@ def pooled_features(h: torch.Tensor, mask: torch.Tensor, sae) -> torch.Tensor:
     return out / mask.sum(1, keepdim=True).clamp(min=1).to(out.dtype)
 
 
+def output_head(model):
+    """hidden -> logits as the causal LM computes them: its output embeddings, then Gemma-2's final logit
+    soft-capping where the config has one. ``forward_batch`` checks it against the model's own logits."""
+    lm = unwrap_causal_lm(model)
+    proj, cap = lm.get_output_embeddings(), getattr(lm.config, "final_logit_softcapping", None)
+    return (lambda h: torch.tanh(proj(h) / cap) * cap) if cap else proj
+
+
+@contextlib.contextmanager
+def final_hidden(model):
+    """Yields a dict whose ``"h"`` holds the base model's last hidden state ([B, T, d], final norm applied:
+    what the LM head reads) after a forward."""
+    from sparserm.model.backbone import base_model
+
+    seen: dict = {}
+
+    def hook(_module, _inputs, output):
+        seen["h"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    handle = base_model(unwrap_causal_lm(model)).register_forward_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+_FULL_LOGITS: "weakref.WeakSet" = weakref.WeakSet()  # models whose head output_head does not reproduce
+
+
 def forward_batch(model, batch: SequenceBatch, needs: frozenset[str] = frozenset(), sae=None,
                   layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor, TokenDists | None, torch.Tensor | None]:
-    """Summed response log-probs [R], token counts [R], optional TokenDists and pooled features [R, d_sae]."""
+    """Summed response log-probs [R], token counts [R], optional TokenDists and pooled features [R, d_sae].
+
+    Without ``"token"``, the model returns logits for its last position only and the response log-probs are
+    computed from the final hidden states of the real response tokens, a chunk at a time
+    (``chunked_token_logprobs``): the [R, T, V] logits, a few hundred MB at a 49k vocabulary, never exist. The
+    one position of logits the model does return checks that path's head against the model's own; a model
+    whose head differs (a logit scale, say) falls back, with a warning, to full logits."""
     unknown = set(needs) - set(NEEDS)
     if unknown:
         raise ValueError(f"forward_batch: unknown needs {sorted(unknown)} (known: {list(NEEDS)})")
     if "features" in needs and (sae is None or layer is None):
         raise ValueError("forward_batch: 'features' needs an SAE and its layer")
     keep = batch.n_response + 1
-    with residual_after(model, layer) if "features" in needs else contextlib.nullcontext({}) as seen:
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                    position_ids=batch.position_ids, use_cache=False, logits_to_keep=keep)
-    logp = torch.log_softmax(out.logits[:, -keep:-1].float(), dim=-1)  # [R, T, V], predicts the last T tokens
+    full = "token" in needs or unwrap_causal_lm(model) in _FULL_LOGITS
     targets = batch.input_ids[:, -batch.n_response:]
     mask = batch.response_mask[:, -batch.n_response:]
-    lp = (logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask).sum(1)
+    with contextlib.ExitStack() as stack:
+        seen = stack.enter_context(residual_after(model, layer)) if "features" in needs else {}
+        last = stack.enter_context(final_hidden(model)) if not full else {}
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    position_ids=batch.position_ids, use_cache=False, logits_to_keep=keep if full else 1)
+    tokens = None
+    if full:
+        logp = torch.log_softmax(out.logits[:, -keep:-1].float(), dim=-1)  # [R, T, V], predicts the last T tokens
+        lp = (logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask).sum(1)
+        tokens = TokenDists(logp, mask.to(logp.dtype)) if "token" in needs else None
+    else:
+        head, h = output_head(model), last["h"]
+        with torch.no_grad():  # the model's own last-position logits against this head's, to rounding
+            mine, theirs = head(h[:, -1]).float(), out.logits[:, -1].float()
+            tol = max(1e-3, 4 * torch.finfo(out.logits.dtype).eps) * float(theirs.abs().max())
+            ok = float((mine - theirs).abs().max()) <= tol
+        if not ok:
+            warnings.warn(f"{type(unwrap_causal_lm(model)).__name__}: its logits are not its output embeddings' "
+                          "(a logit scale or cap this path does not know); computing full logits instead")
+            _FULL_LOGITS.add(unwrap_causal_lm(model))
+            return forward_batch(model, batch, needs, sae, layer)
+        rows, cols = mask.nonzero(as_tuple=True)
+        pos = cols + (h.shape[1] - keep)  # the position before each response token
+        tok_lp = chunked_token_logprobs(head, h[rows, pos], targets[rows, cols], out.logits.shape[-1])
+        lp = torch.zeros(h.shape[0], dtype=tok_lp.dtype, device=tok_lp.device).index_add(0, rows, tok_lp)
     counts = mask.sum(1).to(lp.dtype)
-    tokens = TokenDists(logp, mask.to(logp.dtype)) if "token" in needs else None
     feats = pooled_features(seen["h"], batch.response_mask, sae) if "features" in needs else None
     return lp, counts, tokens, feats
 

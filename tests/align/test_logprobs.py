@@ -60,3 +60,60 @@ def test_response_entropy_is_the_mean_entropy_at_the_positions_predicting_the_re
     assert got == pytest.approx(h[3:6].mean().item(), abs=1e-5)  # positions 3..5 predict tokens 4..6
     assert empty == pytest.approx(h[3].item(), abs=1e-5)
     assert 0 < got <= torch.log(torch.tensor(float(logp.shape[-1]))).item()
+
+
+def test_chunked_token_logprobs_equal_full_logits_in_value_and_gradient(lm):
+    from sparserm.align.logprobs import chunked_token_logprobs, token_logprobs
+
+    torch.manual_seed(0)
+    head = lm.get_output_embeddings()
+    vocab = head.weight.shape[0]
+    h = torch.randn(11, head.weight.shape[1], requires_grad=True)
+    targets = torch.randint(0, vocab, (11,))
+    g = torch.randn(11)
+    full = token_logprobs(head(h), targets)
+    (gh_full, gw_full) = torch.autograd.grad((full * g).sum(), (h, head.weight))
+    chunked = chunked_token_logprobs(head, h, targets, vocab, chunk_elements=3 * vocab)  # 4 chunks: 3+3+3+2
+    (gh, gw) = torch.autograd.grad((chunked * g).sum(), (h, head.weight))
+    assert torch.allclose(chunked, full, atol=1e-5)
+    assert torch.allclose(gh, gh_full, atol=1e-5) and torch.allclose(gw, gw_full, atol=1e-5)
+    with torch.no_grad():  # no graph: plain chunks
+        assert torch.allclose(chunked_token_logprobs(head, h, targets, vocab, vocab), full, atol=1e-5)
+
+
+def test_forward_batch_without_full_logits_equals_the_full_path_with_gradients(lm):
+    from sparserm.align.pair_forward import _FULL_LOGITS, forward_batch
+
+    rows = [([5, 6, 7, 8], [9, 10]), ([5, 6], [11, 12, 13, 14]), ([3, 4, 5, 6, 7, 8, 9], [20])]
+    batch = encode_batch(rows, pad_id=0)
+    params = [p for p in lm.parameters()]
+    lp, counts, tokens, _ = forward_batch(lm, batch)  # the chunked path
+    grads = torch.autograd.grad(lp.sum(), params, allow_unused=True)
+    lp_full, _, tokens_full, _ = forward_batch(lm, batch, frozenset({"token"}))  # full logits
+    grads_full = torch.autograd.grad(lp_full.sum(), params, allow_unused=True)
+    assert tokens is None and tokens_full is not None and lm not in _FULL_LOGITS
+    assert counts.tolist() == [2.0, 4.0, 1.0]
+    assert torch.allclose(lp, lp_full, atol=1e-5)
+    assert lp.tolist() == pytest.approx([direct(lm, p, r) for p, r in rows], abs=1e-4)
+    for a, b in zip(grads, grads_full):
+        assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-5))
+
+
+def test_a_head_the_fast_path_does_not_reproduce_falls_back_to_full_logits(lm, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from sparserm.align.pair_forward import _FULL_LOGITS, forward_batch
+
+    scaled = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    def logit_scale(_module, _inputs, out):  # applied after the LM head, as Cohere's or Granite's
+        out["logits"] = out.logits * 0.5
+        return out
+
+    scaled.register_forward_hook(logit_scale)
+    rows = [([5, 6, 7, 8], [9, 10]), ([5, 6], [11, 12, 13, 14])]
+    with torch.no_grad():
+        want = [sum(torch.log_softmax(scaled(input_ids=torch.tensor([p + r])).logits[0], -1)[len(p) + j - 1, t].item()
+                    for j, t in enumerate(r)) for p, r in rows]
+        with pytest.warns(UserWarning, match="computing full logits"):
+            lp, _, _, _ = forward_batch(scaled, encode_batch(rows, pad_id=0))
+    assert scaled in _FULL_LOGITS and lp.tolist() == pytest.approx(want, abs=1e-4)
