@@ -141,3 +141,11 @@ def test_repeats_are_taken_at_their_median(bench):
     assert s["lora_fpo_vs_simpo_peak_memory"] == 1.1 and s["lora_fpo_vs_simpo_step_time"] == 1.0
     assert s["checks"] == {"lora_simpo": True, "lora_fpo": None}  # one FPO run has no row
     assert "#2" in bench.run_line(runs[1], False)
+
+
+def test_runs_fix_glibcs_mmap_threshold_unless_told_not_to(bench, runs_mod, monkeypatch):
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    assert bench.parse_args([]).malloc_mmap_threshold == 65536
+    assert bench.parse_args(["--malloc-mmap-threshold", "0"]).malloc_mmap_threshold == 0
+    assert runs_mod.run_env(65536)["MALLOC_MMAP_THRESHOLD_"] == "65536"
+    assert "MALLOC_MMAP_THRESHOLD_" not in runs_mod.run_env(0)
