@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 import torch
 
 from sparserm.steering.conditional_map import ConditionalMap, activation_density
-from sparserm.steering.edit import edit_latents
 from sparserm.steering.vector import SteerSettings, SteeringVector, steering_vector
 
 
@@ -134,6 +133,8 @@ class SteeringHook:
         return hook
 
     def _edit(self, run: SteerRun):
+        from sparserm.steering.flat_edit import edit_flat  # it imports this module
+
         def hook(_module, _inputs, output):
             rows, latents, scores, alpha, modes = run.packed
             first, run.prompt_done = not run.prompt_done, True
@@ -152,27 +153,19 @@ class SteeringHook:
                 idx = torch.as_tensor([b * rep + r for b in rows for r in range(rep)], device=h.device)
                 each = rep * n_pos
             x = h[idx, -n_pos:].reshape(-1, h.shape[-1])
-            a = self.output_sae.encode(x)
-            if each > 1:
-                latents, scores, alpha = (t.repeat_interleave(each, 0) for t in (latents, scores, alpha))
-                modes = [m for m in modes for _ in range(each)]
-            a2 = edit_latents(a, latents, scores, alpha, modes)
-            changed = a2 != a
-            moved = changed.any(-1)
-            at = changed.cpu().view(len(rows), each, -1)  # one device-to-host copy per forward
+            row_of_token = torch.arange(len(rows), device=h.device).repeat_interleave(each)
+            e = edit_flat(x, row_of_token, torch.ones_like(row_of_token, dtype=torch.bool),
+                          (latents, scores, alpha, modes), self.output_sae)
+            at = (e.a_edited != e.a).cpu().view(len(rows), each, -1)  # one device-to-host copy per forward
             run.steps.append({b: (int(at[j].any(-1).sum()), at[j].nonzero()[:, 1]) for j, b in enumerate(rows)})
-            new = x.clone()
-            if bool(moved.any()):
-                delta = self.output_sae.decode(a2[moved]) - self.output_sae.decode(a[moved])
-                new[moved] = x[moved] + delta.to(x.dtype)
             if run.trace is not None:
                 owner = [b for b in rows for _ in range(each)]  # the request of each edited (row, position)
-                run.trace.append({"rows": owner, "h": x.detach().clone(), "a": a, "a_edited": a2,
-                                  "h_edited": new.detach().clone()})
-            if not bool(moved.any()):
+                run.trace.append({"rows": owner, "h": x.detach().clone(), "a": e.a, "a_edited": e.a_edited,
+                                  "h_edited": e.new.detach().clone()})
+            if not bool(e.moved.any()):
                 return None
             out = h.clone()
-            out[idx, -n_pos:] = new.reshape(len(idx), n_pos, -1)
+            out[idx, -n_pos:] = e.new.reshape(len(idx), n_pos, -1)
             return _with_hidden(output, out)
 
         return hook
