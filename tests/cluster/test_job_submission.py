@@ -1,0 +1,286 @@
+"""Stages submitted as Ray jobs: every ``jobs/<stage>.py`` is the CLI's own command, and a features job submitted
+through the Job Submission API to a cluster started with ``ray start --head`` succeeds and writes its run folder.
+
+The cluster is this module's own (``local_cluster``): its own ``--temp-dir`` (a short folder under /tmp: Ray's
+socket paths must stay under 107 characters, which a pytest ``tmp_path`` can pass), every port it opens chosen free
+and bound to 127.0.0.1, and no ``RAY_ADDRESS`` inherited, so neither the test session's ``ray.init()`` instance
+(``ray_session``) nor another job's cluster on this machine is touched. Teardown ends only this cluster's processes,
+found by its temp dir in their command lines (``ray stop`` would end every Ray on the machine).
+"""
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# jobs/<module>.py -> the sparserm CLI words it puts before its own arguments, and arguments that make a full command
+JOBS = {
+    "features": (["features"], ["c.yaml"]),
+    "sae_train": (["sae", "train"], ["c.yaml"]),
+    "rm_train": (["rm", "train"], ["c.yaml"]),
+    "rm_ablate": (["rm", "ablate"], ["c.yaml"]),
+    "rm_sweep": (["rm", "sweep"], ["c.yaml"]),
+    "align": (["align"], ["c.yaml"]),
+    "fpo": (["fpo"], ["c.yaml"]),
+    "steer": (["steer"], ["build", "c.yaml"]),
+    "evaluate": (["rm", "evaluate"], ["rm", "RM_DIR", "data.jsonl"]),
+    "serve_rm": (["serve", "rm"], ["RM_DIR"]),
+    "serve_steer": (["serve", "steer"], ["MAP_DIR"]),
+}
+
+
+@pytest.mark.parametrize("module", sorted(JOBS))
+def test_each_job_entry_point_runs_the_cli_command(module, monkeypatch):
+    """Run as ``python -m jobs.<module> ARGS`` would, the module calls ``sparserm.cli.main`` with the CLI's words
+    for its stage in front of ARGS, and the CLI's parser takes them as one of its commands."""
+    import sparserm.cli
+    from sparserm.cli import build_parser
+
+    words, args = JOBS[module]
+    seen = []
+    monkeypatch.setattr(sparserm.cli, "main", lambda argv: seen.append(argv) or 0)
+    monkeypatch.setattr(sys, "argv", [f"jobs/{module}.py", *args])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_module(f"jobs.{module}", run_name="__main__")
+    assert done.value.code == 0
+    tail = args[1:] if module == "evaluate" else args  # `jobs.evaluate rm ...` is `sparserm rm evaluate ...`
+    assert seen == [[*words, *tail]]
+    parsed = build_parser().parse_args(seen[0])
+    assert callable(parsed.func) and parsed.command == words[0]
+
+
+def test_every_stage_has_a_job_and_every_job_is_checked():
+    modules = {p.stem for p in (ROOT / "jobs").glob("*.py")} - {"__init__"}
+    assert modules == set(JOBS)
+    stages = {tuple(w) for w, _ in JOBS.values()}
+    for stage in [("features",), ("sae", "train"), ("rm", "train"), ("rm", "ablate"), ("rm", "sweep"), ("align",),
+                  ("fpo",), ("steer",), ("serve", "rm"), ("serve", "steer")]:
+        assert stage in stages
+
+
+def test_evaluate_job_refuses_an_unknown_kind(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["jobs/evaluate.py", "features", "x"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_module("jobs.evaluate", run_name="__main__")
+    assert "usage" in str(done.value.code)
+
+
+# ------------------------------------------------------------------ a real job on a real cluster
+
+PORTS = ("port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+         "ray-client-server-port", "runtime-env-agent-port", "metrics-export-port", "node-manager-port",
+         "object-manager-port")
+JOB_TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class LocalCluster:
+    """A running ``ray start --head`` cluster: its dashboard (Job Submission API) URL, GCS address and temp dir."""
+
+    dashboard_url: str
+    gcs_address: str
+    temp_dir: Path
+    token: str  # the cluster's authentication token (RAY_AUTH_MODE=token)
+
+    def client(self):
+        """A ``JobSubmissionClient`` of this cluster, sending its token."""
+        from ray.job_submission import JobSubmissionClient
+
+        return JobSubmissionClient(self.dashboard_url, headers={"Authorization": f"Bearer {self.token}"})
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free on 127.0.0.1 now (held open together, so no two are the same)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def cluster_env(token: str) -> dict:
+    """What ``ray start`` (and so every job driver and worker) runs with: no RAY_ADDRESS; token authentication on
+    with this cluster's own token (Ray 2.60's ``ray start`` turns it on by itself when ~/.ray/auth_token exists and
+    leaves it off otherwise; pinned here, the test does not depend on that file); and this Python's bin folder
+    first on PATH, so a job's ``python -m jobs.<stage>`` is the interpreter that has sparserm."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"))}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+    return env
+
+
+def stop_cluster(temp_dir: Path, timeout: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL, every process whose command line names ``temp_dir``: this cluster's, no other."""
+    import psutil
+
+    def ours():
+        found = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if p.pid != os.getpid() and any(str(temp_dir) in a for a in (p.info["cmdline"] or ())):
+                    found.append(p)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return found
+
+    procs = ours()
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive + ours():  # ours() again: a worker started while the others went down
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+@pytest.fixture(scope="module")
+def local_cluster():
+    """``ray start --head --num-cpus 2`` with the dashboard (the Job Submission API is the dashboard head's; it hands
+    each job to the dashboard agent of the head node), answering before the test runs; stopped after the module."""
+    import requests
+
+    temp_dir = Path(tempfile.mkdtemp(prefix="srm-ray-", dir="/tmp"))
+    ports = dict(zip(PORTS, free_ports(len(PORTS))))
+    token = uuid.uuid4().hex
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
+           "--num-cpus", "2", "--num-gpus", "0", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+           "--temp-dir", str(temp_dir), "--object-store-memory", str(200 * 2 ** 20), "--disable-usage-stats",
+           *[a for name, port in ports.items() for a in (f"--{name}", str(port))]]
+    try:
+        started = subprocess.run(cmd, env=cluster_env(token), capture_output=True, text=True, timeout=120)
+        assert started.returncode == 0, f"ray start failed:\n{started.stdout}\n{started.stderr}"
+        cluster = LocalCluster(f"http://127.0.0.1:{ports['dashboard-port']}", f"127.0.0.1:{ports['port']}",
+                               temp_dir, token)
+        deadline, last = time.time() + 90, None
+        while time.time() < deadline:  # the dashboard's HTTP server comes up shortly after `ray start` returns
+            try:
+                cluster.client().list_jobs()
+                break
+            except (ConnectionError, requests.exceptions.ConnectionError) as exc:  # refused until it listens
+                last = exc
+                time.sleep(1)
+        else:
+            pytest.fail(f"the Job Submission API at {cluster.dashboard_url} did not answer within 90 s: {last}")
+        yield cluster
+    finally:
+        stop_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def runtime_env(cache: Path) -> dict:
+    """cluster/runtime_env.yaml as a job here gets it. Its ``pip:`` entry is dropped: this machine has no network
+    for installs, and the cluster's Python (the one ``ray start`` ran from) already has sparserm and its
+    dependencies. ``working_dir: .`` is kept (the repository root, as ``ray job submit`` from the root reads it)
+    and uploaded; the cache variable points at this test's folder instead of /mnt/shared."""
+    env = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())
+    env.pop("pip")
+    env["working_dir"] = str((ROOT / env["working_dir"]).resolve())
+    env["env_vars"] = {**env["env_vars"], "SPARSERM_CACHE": str(cache)}
+    return env
+
+
+def _write_pairs(path: Path, n: int) -> Path:
+    rows = [{"prompt": f"Question {i}: how do I bake bread?", "chosen": f"Mix flour and water {i}.",
+             "rejected": "I won't help with that." + " no" * (i % 3)} for i in range(n)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")
+    return path
+
+
+def wait_for(client, job_id: str, timeout: float = JOB_TIMEOUT_S):
+    """The job's final status (or its status when ``timeout`` ran out, after stopping it) and its logs."""
+    from ray.job_submission import JobStatus
+
+    deadline = time.time() + timeout
+    while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                                             JobStatus.STOPPED}:
+        if time.time() > deadline:
+            client.stop_job(job_id)
+            break
+        time.sleep(1)
+    return status, client.get_job_logs(job_id)
+
+
+def test_features_job_submitted_to_a_ray_start_cluster_writes_its_run_folder(local_cluster, tiny_model_dir,
+                                                                              tmp_path):
+    from ray.job_submission import JobStatus
+
+    from sparserm.config import Config, build
+    from sparserm.features.cache import ActivationCache
+    from sparserm.features.stage import prepare_data
+    from sparserm.model.backbone import load_backbone
+    from sparserm.model.forward import group_states
+    from sparserm.model.text import encode_group
+
+    pairs, cache, out = _write_pairs(tmp_path / "pairs.jsonl", 12), tmp_path / "cache", tmp_path / "run"
+    config = tmp_path / "features.yaml"
+    config.write_text(yaml.safe_dump({
+        "run": {"seed": 3}, "data": {"sources": [{"path": str(pairs)}], "eval_fraction": 0.25},
+        "model": {"name": str(tiny_model_dir), "layer": 2, "max_tokens": 32},
+        "features": {"num_actors": 1, "num_cpus": 1, "batch_size": 4, "token_sample_rate": 0.5}}))
+    client = local_cluster.client()
+    t0 = time.time()
+    job_id = client.submit_job(entrypoint=f"python -m jobs.features {config} 'model.extra_layers=[1]' "
+                                          f"--output-dir {out}",
+                               runtime_env=runtime_env(cache))
+    status, logs = wait_for(client, job_id)
+    print(f"features job {job_id}: {status} in {time.time() - t0:.1f} s")
+    assert status == JobStatus.SUCCEEDED, f"job {job_id} ended {status}; its logs:\n{logs}"
+    assert "[features] 24 texts" in logs  # the model pass ran in the job (12 pairs, both sides), not a reused cache
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "features"
+    # the driver ran the uploaded working_dir's copy of jobs/features.py, inside this cluster's session
+    assert Path(manifest["argv"][0]).name == "features.py"
+    assert Path(manifest["argv"][0]).is_relative_to(local_cluster.temp_dir)
+    cfg = build(Config, manifest["config"])
+    assert cfg.run.cache_dir == str(cache)  # the runtime env's SPARSERM_CACHE reached the job
+    assert cfg.model.layers == (1, 2)  # the override on the entrypoint was applied
+    assert manifest["cache"]["n_pairs"] == 12 and manifest["cache"]["d_model"] == 64
+    assert manifest["cache"]["layers"] == [1, 2] and manifest["cache"]["n_texts"] == 24
+    assert sum(1 for _ in open(out / "rejects.jsonl")) == 1  # the invalid line, recorded
+    assert json.loads((out / "data_summary.json").read_text())
+
+    activations = ActivationCache(manifest["activation_cache"])
+    assert activations.root.is_relative_to(cache) and activations.is_complete
+    for layer in (1, 2):
+        assert activations.read_pooled(layer).states.shape == (24, 64)
+    # what the job stored is the model's own residual stream: equal to a direct forward here, in this process
+    table = activations.read_pooled(2)
+    ids, hw, hl = table.pairs()
+    rows = {r["row_id"]: r for r in prepare_data(cfg).rows}
+    assert set(ids) == set(rows)
+    backbone = load_backbone(cfg.model, cfg.run.cache_dir)
+    for k in (0, 7, 11):
+        r = rows[ids[k]]
+        ref = group_states(backbone, encode_group(backbone.tokenizer, r["prompt"], [r["chosen"], r["rejected"]], 32),
+                           share_prefix=False)
+        assert torch.allclose(hw[k], ref[0].pooled(2, cfg.model.pooling), atol=1e-4)
+        assert torch.allclose(hl[k], ref[1].pooled(2, cfg.model.pooling), atol=1e-4)
+    x, _ = activations.read_tokens(2, 64, split=None)
+    computed = manifest["cache"]["n_computed"]
+    assert 0.3 * computed < len(x) < 0.7 * computed  # token_sample_rate 0.5 of the computed tokens
