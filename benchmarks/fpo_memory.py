@@ -7,8 +7,8 @@ one's settings and what a run measures are described in ``benchmarks/fpo_memory_
 runs each one. This file: the arguments, the runs in turn, the ratios against the targets and the report.
 
     python benchmarks/fpo_memory.py [--model embedded|tiny|FOLDER] [--finetune full,lora]
-                                    [--methods dpo,tdpo2,simpo,fpo] [--steps 6] [--batch-size 2]
-                                    [--micro-batch 2] [--pairs N] [--max-tokens 192] [--sae-dir DIR]
+                                    [--methods dpo,tdpo2,simpo,fpo] [--steps 6] [--batch-size 4]
+                                    [--micro-batch 4] [--pairs N] [--max-tokens 192] [--sae-dir DIR]
 
 Pairs: the first ``steps x batch-size`` (or ``--pairs``) valid HH-RLHF harmless pairs of
 ``../shared/data`` (synthetic pairs when the file is absent), written once and read by every run. One line is
@@ -18,10 +18,13 @@ printed per run; the last line is one JSON object: ``fpo_vs_dpo_peak_memory``, `
 SimPO's), each run's raw numbers (with the machine's 1-minute load average before and after it), the CPU and
 torch's thread count. ``--repeats N`` runs every method N times, interleaved, and takes each one's median.
 
-Sizing: the default (embedded model, fp32 on CPU, 6 steps of 2 pairs at 192 tokens, 8 runs) takes about
-1-1.5 minutes a run on 2 otherwise idle cores, Ray's start, the model load, FPO's cache pass and the checkpoint
-included. Step times on a shared machine follow its load; peak memory barely moves (a few percent between
-runs). ``--model tiny`` numbers say nothing about the methods: the tiny model's weights are a few MB, so
+Sizing: the default (embedded model, fp32 on CPU, 6 steps of 4 pairs in one forward each, 192 tokens, 8 runs)
+took 2.0-3.0 minutes a run at load ~2 (2026-12-01, full fine-tuning; Ray's start, the model load, FPO's cache
+pass and the checkpoint included). Four pairs a forward, not two: TDPO-2's cost is its per-token distributions,
+which grow with the tokens of a forward, and at two pairs a forward every full fine-tuning peak is the optimizer
+step (TDPO-2 measured as DPO, 3027 against 3013 MB). Step times on a shared machine follow its load; peak memory
+barely moves (a few percent between runs). ``--model tiny`` numbers say nothing about the methods: the tiny
+model's weights are a few MB, so
 constants (libraries imported after the baseline) dominate.
 """
 from __future__ import annotations
@@ -70,8 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--finetune", type=_csv(FINETUNE), default=FINETUNE, help="full,lora")
     ap.add_argument("--methods", type=_csv(METHODS), default=METHODS, help="dpo,tdpo2,simpo,fpo")
     ap.add_argument("--steps", type=int, default=6, help="optimizer steps per run (one epoch)")
-    ap.add_argument("--batch-size", type=int, default=2, help="pairs per optimizer step")
-    ap.add_argument("--micro-batch", type=int, default=2, help="pairs per forward")
+    ap.add_argument("--batch-size", type=int, default=4, help="pairs per optimizer step")
+    ap.add_argument("--micro-batch", type=int, default=4, help="pairs per forward")
     ap.add_argument("--pairs", type=int, default=None,
                     help="pairs per run (default steps x batch-size; sets the steps)")
     ap.add_argument("--max-tokens", type=int, default=192, help="token budget of prompt + response")
