@@ -42,15 +42,16 @@ def build_random_map(config: str, work: Path, width: int, n_triples: int, overri
     """A map from the embedded pipeline and random SAEs of ``width`` at the config's steer layers."""
     import ray
 
+    from transformers import AutoConfig
+
     from sparserm.config import load_config
-    from sparserm.model.backbone import load_causal_lm
+    from sparserm.model.backbone import resolve_source
     from sparserm.steering.build import build_map
     from sparserm.testing import build_tiny_sae
 
     cfg = load_config(config, overrides)
-    model, _ = load_causal_lm(cfg.model, cfg.run.cache_dir, torch.device("cpu"))
-    d = model.config.hidden_size
-    del model
+    source, kwargs = resolve_source(cfg.model, cfg.run.cache_dir)
+    d = AutoConfig.from_pretrained(source, **kwargs).hidden_size  # the SAEs' width in; no weights loaded
     s = cfg.steer
     saes = [build_tiny_sae(work / side, d_in=d, width=width, layer=layer, seed=i)
             for i, (side, layer) in enumerate((("input", s.input_layer), ("output", s.output_layer)))]
