@@ -16,13 +16,16 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args) -> "tuple":
-    from sparserm.manifest import make_run_dir
+    """(config, local output folder); ``args.output_home`` keeps where the outputs live, pushed there by
+    :func:`main` when the command ends (a storage URI; a local path is the folder itself)."""
+    from sparserm.manifest import make_run_dir, run_home
 
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not Path(config).is_file():
         config, overrides = None, [config, *overrides]  # no config file, only overrides
     cfg = load_config(config, overrides)
-    return cfg, make_run_dir(cfg, args.stage, args.output_dir)
+    args.output_home = run_home(cfg, args.stage, args.output_dir)
+    return cfg, make_run_dir(cfg, args.stage, args.output_home)
 
 
 def cmd_data_check(args) -> int:
@@ -122,12 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sparserm.storage import local_dir, push
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    finally:  # outputs on a storage URI: pushed whether the stage finished or not, so a rerun resumes them
+        home = getattr(args, "output_home", None)
+        if home is not None:
+            push(home, local_dir(home))
 
 
 if __name__ == "__main__":

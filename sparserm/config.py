@@ -280,10 +280,17 @@ class AlignConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
+    # output_dir and cache_dir: a local path or a storage URI (s3://bucket/prefix, gs://..., any pyarrow filesystem;
+    # sparserm.storage): work happens in a node-local mirror, pulled before and pushed after
     output_dir: str | None = None  # default: runs/<stage>-<time>
     cache_dir: str = field(default_factory=default_cache_dir)
     seed: int = 0
     ray_address: str | None = None  # None: start or join a local Ray; "auto": join the cluster
+    # Ray Train runs (the reward head, preference training): worker-group failures (a worker process or its node
+    # lost, or an error raised in the loop) a run recovers from, each from its last epoch checkpoint; 0: the first
+    # failure ends the run (Ray Train's default: an error in the loop is retried as a lost worker is, so a
+    # deterministic one would run again); -1: no limit; the cluster configs set 2. Not in any run's fingerprint.
+    max_failures: Annotated[int, Field(ge=-1)] = 0
 
 
 @dataclass(frozen=True)
@@ -354,6 +361,17 @@ class SteerConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """Per-step and per-epoch metrics of every training stage (head, preference training, SAE): sparserm.tracking."""
+
+    tensorboard: bool = True  # TensorBoard event files in each training run's folder (<run>/tensorboard/)
+    # also MLflow: a server (http://host:5000), a database (sqlite:///path.db) or a folder (a local store there,
+    # <folder>/mlflow.db); None: no MLflow. Needs the `mlflow` extra (mlflow-skinny, sqlalchemy, alembic)
+    mlflow_uri: str | None = None
+    mlflow_experiment: str = "sparserm"  # the MLflow experiment the runs go in
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -365,6 +383,7 @@ class Config:
     align: AlignConfig = field(default_factory=AlignConfig)
     fpo: FPOCompareConfig = field(default_factory=FPOCompareConfig)
     steer: SteerConfig = field(default_factory=SteerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> "Config":
         """Types, ranges and choices (the annotations), then the rules across fields (``sparserm.config_checks``)."""

@@ -60,8 +60,21 @@ def stable_hash(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(blob).hexdigest()[:length]
 
 
+def run_home(cfg: Config, stage: str, output_dir: str | Path | None = None) -> str:
+    """Where a run's outputs live: ``output_dir``, else ``run.output_dir``, else a new ``runs/<stage>-<time>``;
+    a local path or a storage URI (``sparserm.storage``)."""
+    return str(output_dir or cfg.run.output_dir or Path("runs") / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
 def make_run_dir(cfg: Config, stage: str, output_dir: str | Path | None = None) -> Path:
-    out = Path(output_dir or cfg.run.output_dir or Path("runs") / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
+    """The local folder a stage writes into: the output path, or for a storage URI this node's mirror of it,
+    filled with what the URI already holds (a rerun resumes it); the caller pushes it back
+    (``sparserm.storage.push``)."""
+    from sparserm.storage import local_dir, pull
+
+    home = run_home(cfg, stage, output_dir)
+    out = local_dir(home)
+    pull(home, out)
     out.mkdir(parents=True, exist_ok=True)
     return out
 

@@ -5,6 +5,8 @@
   ``model_dir`` is given): random directions ``torch.randn(2K, d)`` and an untrained :class:`RewardHead`
   whose standardisation is fit on random data.
 * ``build_tiny_sae(out_dir, d_in)``: a random sae-lens ReLU SAE folder (for FPO's feature constraint).
+* ``tensorboard_scalars(folder)`` / ``mlflow_metrics(uri, log_dir)``: what a run logged (``sparserm.tracking``),
+  read back by TensorBoard's and MLflow's own readers, as ``{tag: [(step, value), ...]}`` in step order.
 """
 from __future__ import annotations
 
@@ -98,3 +100,29 @@ def build_tiny_sae(out_dir: str | Path, d_in: int = 64, width: int = 128, layer:
     sae.save_model(out_dir)
     (out_dir / META_FILE).write_text(json.dumps({"source": "random", "layer": layer, "width": width}))
     return out_dir
+
+
+def tensorboard_scalars(folder: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the event files in ``folder`` as TensorBoard shows them (an interrupted process's events
+    purged by the next one's first step), by TensorBoard's ``EventAccumulator`` keeping every event."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def mlflow_metrics(uri: str, log_dir: str | Path, experiment: str = "sparserm") -> dict[str, list[tuple[int, float]]]:
+    """Every metric history of the MLflow run that the tracker of ``log_dir`` logged to (``tracking.mlflow_uri``
+    ``uri``), by ``MlflowClient.get_metric_history``."""
+    from mlflow import MlflowClient
+
+    from sparserm.manifest import stable_hash
+    from sparserm.tracking import MLflow, mlflow_store
+
+    client = MlflowClient(tracking_uri=mlflow_store(uri))
+    exp_id = client.get_experiment_by_name(experiment).experiment_id
+    key = stable_hash(str(Path(log_dir).resolve()))
+    (run,) = client.search_runs([exp_id], f"tags.`{MLflow.KEY}` = '{key}'")
+    return {k: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, k))
+            for k in run.data.metrics}

@@ -14,7 +14,9 @@ the loop's own files. This module holds, once for both loops:
 - writing an epoch checkpoint (:func:`report_epoch`) and the optimizer moments' folder in it
   (:data:`OPTIMIZER_DIR`, per-rank safetensors + JSON by ``sparserm.align.optimizer_state``);
 - early stopping on validation (:class:`EarlyStopping`), and the held-out share of a pair set
-  (:func:`held_out`).
+  (:func:`held_out`);
+- where each worker ran (:func:`placement_info`, every rank's: :func:`rank_placements`), which both loops
+  report, so a multi-node run says from its own work which nodes trained.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ from typing import Any, Callable, Iterable
 import torch
 
 __all__ = ["STATE_FILE", "OPTIMIZER_DIR", "stored_fingerprint", "check_fingerprint", "refuse_other_run",
-           "resumed_checkpoint", "epoch_order", "all_reduced", "report_epoch", "EarlyStopping", "held_out"]
+           "resumed_checkpoint", "epoch_order", "all_reduced", "report_epoch", "EarlyStopping", "held_out",
+           "placement_info", "rank_placements"]
 
 STATE_FILE = "state.json"
 OPTIMIZER_DIR = "optimizer"  # optimizer/rank_<r>.{safetensors,json}: sparserm.align.optimizer_state
@@ -93,6 +96,27 @@ def all_reduced(x: torch.Tensor, device, world: int) -> torch.Tensor:
     total = x.to(device)
     dist.all_reduce(total)
     return total.cpu()
+
+
+def placement_info(device=None) -> dict:
+    """Where the calling Ray worker or actor runs: its node id, the GPU ids Ray reserved for it and (given) the
+    torch device it computes on."""
+    import ray
+
+    out = {"node_id": ray.get_runtime_context().get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+    return out if device is None else {**out, "device": str(device)}
+
+
+def rank_placements(device, world: int) -> list[dict]:
+    """Every rank's :func:`placement_info`, in rank order; a collective (every rank of the group calls it)."""
+    mine = placement_info(device)
+    if world == 1:
+        return [mine]
+    import torch.distributed as dist
+
+    every: list = [None] * world
+    dist.all_gather_object(every, mine)
+    return every
 
 
 def report_epoch(epoch: int, metrics: dict, state: dict, *, rank: int, write: Callable[[Path], None],

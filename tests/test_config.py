@@ -2,7 +2,8 @@ import pytest
 
 from sparserm.config import Config, ConfigError, DataSource, load_config, to_dict
 
-CONFIGS = ["quickstart", "gemma-2-2b-it", "gemma-2-9b-it", "llama-3.1-8b-instruct"]
+PAPER_CONFIGS = ["gemma-2-2b-it", "gemma-2-9b-it", "llama-3.1-8b-instruct", "gemma-3-270m-it"]
+CONFIGS = ["quickstart", *PAPER_CONFIGS]
 
 
 def test_defaults_validate_and_round_trip():
@@ -54,6 +55,21 @@ def test_shipped_configs_load(name):
     cfg = load_config(ROOT / "jobs" / "configs" / f"{name}.yaml")
     if name != "quickstart":
         assert cfg.sae.source == "registry" and cfg.sae.release and cfg.sae.sae_id
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_paper_configs_name_a_registry_sae_of_their_model_and_layer(name):
+    """The release and id are in sae-lens' registry (no download), for this model family, at ``model.layer``."""
+    import re
+
+    from sparserm.sae.autoencoder import registry_entry
+    from tests.conftest import ROOT
+
+    cfg = load_config(ROOT / "jobs" / "configs" / f"{name}.yaml")
+    entry = registry_entry(cfg.sae.release, cfg.sae.sae_id)
+    assert entry.model.split("/")[-1].lower().removesuffix("-it").removesuffix("-instruct") in cfg.model.name.lower()
+    layer = re.search(r"layer_(\d+)|^l(\d+)r", cfg.sae.sae_id)
+    assert int(layer.group(1) or layer.group(2)) == cfg.model.layer
 
 
 # ---------------------------------------------------------------- pydantic-backed building: messages and types

@@ -228,3 +228,22 @@ def feature_source(loss_cfg) -> tuple[str, int]:
     if layer is None:
         raise ValueError(f"{folder}: the SAE records no layer; set align.loss.fpo_layer")
     return str(Path(folder).resolve()), int(layer)
+
+
+def feature_inputs(cfg, objective, pairs: list[dict], run_dir: Path, init_adapter: str | None,
+                   progress: bool) -> dict:
+    """On the driver (``train_dpo``): SAE and layer for a feature-level objective; for reference ``features``, the
+    offline reference cache of these pairs under this round's reference (``align.reference``), built here (one
+    Ray Data pass) unless a matching one is in ``<run>/reference_cache``."""
+    if not uses_features(objective):
+        return {}
+    sae_dir, layer = feature_source(cfg.align.loss)
+    out = {"sae_dir": sae_dir, "layer": layer}
+    if objective.reference == "features":
+        from sparserm.fpo.reference_cache import build_reference_cache, cache_key
+
+        adapter = init_adapter if cfg.align.reference == "previous" else None
+        out["cache"] = str(build_reference_cache(cfg, pairs, run_dir / "reference_cache", adapter=adapter,
+                                                 sae_dir=sae_dir, layer=layer, progress=progress))
+        out["cache_key"] = cache_key(cfg, pairs, adapter, sae_dir, layer)
+    return out

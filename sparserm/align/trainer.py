@@ -14,22 +14,25 @@ policy forward per micro-batch and calls ``objective.loss``. A ``"features"`` re
 reference cache, which the driver builds (or finds, keyed) with one Ray Data pass before training, so no
 reference model exists on the workers. The first epoch's row records ``u_abs_max_before_first_step``,
 ``reference_kind``, ``reference_forwards`` (before training), ``reference_forwards_in_steps``,
-``reference_copy`` (a second frozen model) and ``model_forwards_in_steps`` against ``policy_micro_batches``
-(equal when no adapter-disabled reference forward ran during the steps). Sequence stats are stored in the
+``reference_copy`` (a second frozen model), ``model_forwards_in_steps`` against ``policy_micro_batches``
+(equal when no adapter-disabled reference forward ran during the steps), and ``placement`` (this rank's node,
+GPU ids and device) with ``placements`` (every rank's, in rank order). Sequence stats are stored in the
 checkpoint. Every epoch rank 0 writes:
 
     adapter/                  peft adapter (adapter_model.safetensors + adapter_config.json)
     reference.safetensors     the reference stats of every pair (for an objective that has a reference)
-    state.json                epoch, per-epoch history (loss, accuracy, each step's lr, global step), fingerprint
+    state.json                epoch, per-epoch history (loss, accuracy; each step's lr, step_loss and
+                              step_reward_accuracy; global step), fingerprint
     optimizer/rank_<r>.*      each rank's optimizer moments (``optimizer_state``; written by every rank)
     best/                     with early stopping: the weights of the best epoch so far (as ``adapter/``)
 
 A rerun with the same ``storage_dir``/``name`` resumes after the last finished epoch (Ray Train's run
 snapshot) with the adapter and the optimizer moments of that epoch, and the lr schedule at the global step it
 stopped at. The shuffle of epoch e depends only on (seed, e), so a resumed run follows the same steps as an
-unbroken one. The run's fingerprint covers what changes training (pairs, ``align.train``, the objective's
-``key`` of ``align.loss``, ``align.reference``, the model, the starting adapter's content, the token budget,
-the seed), so an evaluation or generation setting never blocks a resume (fingerprint checks, epoch order and
+unbroken one; so does a run whose worker died mid-epoch, which Ray Train restarts from the last checkpoint
+(``run.max_failures`` times). The run's fingerprint covers what changes training (pairs, ``align.train``, the
+objective's ``key`` of ``align.loss``, ``align.reference``, the model, the starting adapter's content, the token
+budget, the seed), so an evaluation or generation setting never blocks a resume (fingerprint checks, epoch order and
 checkpoint writing: ``sparserm.train_state``, shared with the reward head's loop).
 
 ``align.train.val_fraction`` > 0 holds that share of the pairs (drawn by the seed) out of the steps; after each
@@ -37,6 +40,10 @@ epoch the workers compute ``objective.loss`` on them with the same reference (a 
 covers every pair passed in): the row's ``val_loss``, ``val_reward_accuracy``. ``align.train.patience`` > 0
 stops once val loss has not improved for that many epochs (``stopped_early_at``) and returns the best epoch's
 weights and ``best_epoch``.
+
+Tracking (``sparserm.tracking``): after each epoch's checkpoint rank 0 logs its steps (``step/loss``,
+``step/reward_accuracy``, ``step/lr``) and its row (``epoch/<key>``) at global steps to
+``<storage_dir>/<name>/tensorboard/`` (and MLflow when ``tracking.mlflow_uri`` is set).
 """
 from __future__ import annotations
 
@@ -54,8 +61,9 @@ from sparserm.align.objectives import get_objective
 from sparserm.align.pair_forward import pair_forward, tokenize_pairs, unwrap_causal_lm
 from sparserm.config import AlignConfig, Config, TrainConfig, to_dict
 from sparserm.manifest import model_key, stable_hash
+from sparserm.tracking import Tracker, tracking_spec
 from sparserm.train_state import (OPTIMIZER_DIR, EarlyStopping, all_reduced, epoch_order, held_out, peak_rss_mb,
-                                  refuse_other_run, report_epoch, resumed_checkpoint, rss_mb)
+                                  rank_placements, refuse_other_run, report_epoch, resumed_checkpoint, rss_mb)
 
 __all__ = ["train_dpo", "ds_config", "adapter_hash", "dpo_key"]
 
@@ -175,11 +183,13 @@ def _train_loop(c: dict) -> dict:
         torch.set_num_threads(c["threads"])
     # Ray Train names cuda:0 for a worker that holds a GPU share even where CUDA is absent (a logical GPU)
     device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+    placements = rank_placements(device, world)  # node, GPUs and device of every rank, in rank order
     a = build(AlignConfig, c["align"])
     t = a.train
     mcfg = build(ModelConfig, c["model"])
     weights = FINETUNE[t.finetune]
-    rss_before_model = rss_mb()  # the worker's baseline: peak memory is reported above it
+    tracker = Tracker(c["tracking"], rank)  # rank 0: each step's loss, accuracy, lr; each epoch's row (global steps)
+    rss_before_model = rss_mb()  # the worker's baseline (with the tracker's libraries): peak memory is above it
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model, tok = load_causal_lm(mcfg, c["cache_dir"], device)
@@ -251,8 +261,8 @@ def _train_loop(c: dict) -> dict:
         shard = [train_idx[i] for i in order.tolist()]
         engine.train()
         t_epoch, cpu_epoch = time.perf_counter(), time.process_time()
-        sums = torch.zeros(4, dtype=torch.float64)  # loss, correct, margin, count
-        n_micro = math.ceil(len(shard) / micro)
+        n_micro, accumulation = math.ceil(len(shard) / micro), engine.gradient_accumulation_steps()
+        per_step = torch.zeros(n_micro // accumulation, 4, dtype=torch.float64)  # loss, correct, margin, count
         lrs = []  # the rate of each optimizer step of this epoch
         for k, b in enumerate(range(0, len(shard), micro)):
             idx = shard[b: b + micro]
@@ -264,16 +274,20 @@ def _train_loop(c: dict) -> dict:
             if engine.is_gradient_accumulation_boundary():
                 lrs.append(float(engine.get_lr()[0]))
             engine.step()
-            sums += torch.tensor([losses.sum().item(), (u > 0).sum().item(), u.sum().item(), len(idx)],
-                                 dtype=torch.float64)
+            per_step[k // accumulation] += torch.tensor([losses.sum().item(), (u > 0).sum().item(), u.sum().item(),
+                                                         len(idx)], dtype=torch.float64)
             if c["progress"] and rank == 0 and (k + 1) % c["log_every"] == 0:
+                sums = per_step.sum(0)
                 print(f"[dpo {c['name']}] epoch {epoch}/{c['epochs']} step {k + 1}/{n_micro} "
                       f"loss={sums[0] / sums[3]:.4f} acc={sums[1] / sums[3]:.3f}", flush=True)
-        sums = all_reduced(sums, device, world)
+        per_step = all_reduced(per_step, device, world)
+        sums = per_step.sum(0)
         row = {"epoch": epoch, "loss": float(sums[0] / sums[3]), "reward_accuracy": float(sums[1] / sums[3]),
                "reward_margin": float(sums[2] / sums[3] / beta), "n_pairs": len(train_idx), "base_checksum": base_sum,
                "base_checksum_after": frozen_checksum(engine.module) if t.deepspeed_stage < 3 else None,
                "lr": lrs, "global_step": global_step + len(lrs),
+               "step_loss": (per_step[:, 0] / per_step[:, 3]).tolist(),
+               "step_reward_accuracy": (per_step[:, 1] / per_step[:, 3]).tolist(),
                "seconds_per_step": (time.perf_counter() - t_epoch) / max(1, len(lrs)),
                "cpu_seconds_per_step": (time.process_time() - cpu_epoch) / max(1, len(lrs)),  # all its threads
                "peak_rss_mb_above_baseline": peak_rss_mb() - rss_before_model,
@@ -285,8 +299,7 @@ def _train_loop(c: dict) -> dict:
                        reference_forwards=ref.forwards, reference_forwards_in_steps=ref.forwards_in_steps,
                        reference_copy=getattr(ref, "copy", None) is not None,
                        model_forwards_in_steps=calls[0], policy_micro_batches=micro_batches,
-                       placement={"node_id": ray.get_runtime_context().get_node_id(),
-                                  "gpu_ids": [str(x) for x in ray.get_gpu_ids()], "device": str(device)})
+                       placement=placements[rank], placements=placements)
         improved = False
         if val_idx:  # after the step counts above: these forwards are not the steps'
             row.update(_validate(forward_loss, engine, val_idx, rank, world, micro, device))
@@ -312,30 +325,12 @@ def _train_loop(c: dict) -> dict:
         report_epoch(epoch, row, {"history": history, "fingerprint": c["fingerprint"],
                                   **({"best_epoch": stopper.best_epoch} if t.patience else {})},
                      rank=rank, write=write, every_rank=True)
+        tracker.log_epoch(row, {"loss": row["step_loss"], "reward_accuracy": row["step_reward_accuracy"], "lr": lrs},
+                          first_step=global_step - len(lrs) + 1)
         if c["stop_after_epoch"] is not None and epoch >= c["stop_after_epoch"]:
             break
+    tracker.close()
     return {"history": history}
-
-
-def _features(cfg: Config, objective, pairs: list[dict], run_dir: Path, init_adapter: str | None,
-              progress: bool) -> dict:
-    """SAE and layer for a feature-level objective; for reference ``features``, the offline reference cache of
-    these pairs under this round's reference (``align.reference``), built here (one Ray Data pass) unless a
-    matching one is in ``<run>/reference_cache``."""
-    from sparserm.align.references import feature_source, uses_features
-
-    if not uses_features(objective):
-        return {}
-    sae_dir, layer = feature_source(cfg.align.loss)
-    out = {"sae_dir": sae_dir, "layer": layer}
-    if objective.reference == "features":
-        from sparserm.fpo.reference_cache import build_reference_cache, cache_key
-
-        adapter = init_adapter if cfg.align.reference == "previous" else None
-        out["cache"] = str(build_reference_cache(cfg, pairs, run_dir / "reference_cache", adapter=adapter,
-                                                 sae_dir=sae_dir, layer=layer, progress=progress))
-        out["cache_key"] = cache_key(cfg, pairs, adapter, sae_dir, layer)
-    return out
 
 
 def train_dpo(cfg: Config, pairs: list[dict], *, storage_dir: Path, name: str, init_adapter: str | None = None,
@@ -357,6 +352,7 @@ def train_dpo(cfg: Config, pairs: list[dict], *, storage_dir: Path, name: str, i
     if not pairs:
         raise ValueError(f"{name}: no pairs to train on")
     from sparserm.align.finetune import FINETUNE
+    from sparserm.align.references import feature_inputs
 
     FINETUNE[t.finetune].check_init(init_adapter)
     if t.patience and not t.val_fraction:
@@ -367,21 +363,24 @@ def train_dpo(cfg: Config, pairs: list[dict], *, storage_dir: Path, name: str, i
     fingerprint = stable_hash(dpo_key(cfg, pairs, init_adapter))
     refuse_other_run(Path(storage_dir, name), fingerprint, WHAT)
     use_gpu = t.num_gpus > 0
-    features = _features(cfg, objective, pairs, Path(storage_dir, name), init_adapter, progress)
+    features = feature_inputs(cfg, objective, pairs, Path(storage_dir, name), init_adapter, progress)
     c = {"features": features, "align": to_dict(a), "model": to_dict(cfg.model), "cache_dir": cfg.run.cache_dir,
          "objective": objective,  # the object, not its name: one registered at run time reaches the workers
          "pairs_ref": ray.put([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs]),
          "init_adapter": init_adapter, "reference": a.reference, "seed": cfg.run.seed, "epochs": t.epochs,
          "name": name, "max_tokens": max_tokens, "fingerprint": fingerprint, "stop_after_epoch": stop_after_epoch,
          "progress": progress, "log_every": max(1, 8 // max(1, t.micro_batch_size)) * 4,
-         "threads": t.torch_threads or (os.cpu_count() if not use_gpu else 0)}
+         "threads": t.torch_threads or (os.cpu_count() if not use_gpu else 0),
+         "tracking": tracking_spec(cfg.tracking, Path(storage_dir, name, "tensorboard"), f"dpo:{a.loss.name}",
+                                   {"fingerprint": fingerprint})}
     resources = {"CPU": t.num_cpus, **({"GPU": t.num_gpus} if use_gpu else {})}
     trainer = TorchTrainer(
         _train_loop, train_loop_config=c,
         torch_config=TorchConfig(backend=None if t.backend == "auto" else t.backend),  # auto: nccl with GPUs
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(storage_path=str(Path(storage_dir).resolve()), name=name,
-                             failure_config=failure_config(), checkpoint_config=CheckpointConfig(num_to_keep=1)),
+                             failure_config=failure_config(cfg.run.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
     result = fit_polling(trainer, 0.2)
     if result.checkpoint is None:

@@ -15,7 +15,12 @@ def to_ray_dataset(rows: list[dict]) -> Any:
 def actor_pass(items: list[dict], actor_cls: type, constructor_kwargs: dict, *, blocks: int, resources) -> Any:
     """``items`` in ``blocks`` blocks, each handed whole to one call of an ``actor_cls`` instance (numpy batches) of
     a pool of ``resources.num_actors`` actors with ``num_cpus`` / ``num_gpus`` each: the Ray Data pass every
-    model-forward stage runs (features, the FPO reference cache, the steering map). Returns the lazy Dataset."""
+    model-forward stage runs (features, the FPO reference cache, the steering map). Returns the lazy Dataset.
+
+    An actor that dies (its process killed, its node lost) is restarted, its constructor run again, and the calls
+    it held are retried on it: Ray Data's actor defaults (``max_restarts=-1``, ``max_task_retries=-1``; passing them
+    is deprecated in Ray 2.60), which every stage relies on, so a call of ``actor_cls`` must give a block the same
+    result every time (tests/features/test_extract_faults.py kills one mid-pass)."""
     import ray.data
 
     ds = ray.data.from_items(items, override_num_blocks=blocks)

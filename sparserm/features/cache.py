@@ -44,6 +44,9 @@ class PooledTable:
         return self.meta["row_id"][iw], self.states[torch.as_tensor(iw)], self.states[torch.as_tensor(il)]
 
 
+COMPLETE_FILE = "complete.json"  # written last: the cache holds every pair
+
+
 class ActivationCache:
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -58,15 +61,15 @@ class ActivationCache:
         return {r for f in self._shards() for r in pq.read_table(f, columns=["row_id"]).column(0).to_pylist()}
 
     def mark_complete(self, summary: dict) -> None:
-        write_json(self.root / "complete.json", summary)
+        write_json(self.root / COMPLETE_FILE, summary)
 
     @property
     def is_complete(self) -> bool:
-        return (self.root / "complete.json").is_file()
+        return (self.root / COMPLETE_FILE).is_file()
 
     @property
     def summary(self) -> dict:
-        return json.loads((self.root / "complete.json").read_text())
+        return json.loads((self.root / COMPLETE_FILE).read_text())
 
     # -- reading ---------------------------------------------------------------------------------
     def _shards(self) -> list[Path]:

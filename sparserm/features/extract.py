@@ -7,7 +7,9 @@ pairs go through the model in one packed forward (``model.forward.packed_states`
 Each actor call writes its own Parquet shard (atomically: a temporary name, then a rename) and hands Ray
 only a small receipt per pair. So the residuals never travel through the object store or a separate
 writer task, the whole pass is one Ray Data execution (one actor start and model load), and a stopped
-pass resumes from the pairs its finished shards hold.
+pass resumes from the pairs its finished shards hold. An actor killed mid-call is restarted and the call
+redone (``sparserm.data.ray_dataset.actor_pass``); the shard it writes has the name the first try would have
+given it (a digest of its row ids), so the cache still holds each pair once.
 """
 from __future__ import annotations
 
@@ -68,9 +70,12 @@ def write_shard(columns: dict[str, list], out_dir: Path) -> Path:
 
 class ResidualExtractor:
     """Callable class for ``Dataset.map_batches``: one backbone per actor, loaded once. Each call writes
-    one shard into ``out_dir`` and returns one receipt row per pair (row id, tokens computed)."""
+    one shard into ``out_dir`` and returns one receipt row per pair (row id, tokens computed, the Ray node id
+    of the actor that computed it)."""
 
     def __init__(self, model_cfg: dict, features_cfg: dict, cache_dir: str, seed: int, out_dir: str):
+        import ray
+
         from sparserm.model.backbone import load_backbone
 
         self.model_cfg = build(ModelConfig, model_cfg)
@@ -79,6 +84,7 @@ class ResidualExtractor:
         torch.set_num_threads(self.cfg.torch_threads or os.cpu_count() or 1)
         self.backbone = load_backbone(self.model_cfg, cache_dir)
         self.seed = seed
+        self.node_id = ray.get_runtime_context().get_node_id()
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -130,24 +136,29 @@ class ResidualExtractor:
         write_shard(cols, self.out_dir)
         # texts come in (chosen, rejected) order, pair by pair
         computed = np.asarray(cols["n_computed"]).reshape(-1, 2).sum(1)
-        return {"row_id": np.asarray(cols["row_id"][::2]), "n_computed": computed}
+        return {"row_id": np.asarray(cols["row_id"][::2]), "n_computed": computed,
+                "node_id": np.asarray([self.node_id] * len(computed))}
 
 
 def extract_to_shards(rows: list[dict], out_dir: str, model_cfg: ModelConfig, features_cfg: FeaturesConfig,
-                      cache_dir: str, seed: int, on_batch: Callable[[int, int], None] | None = None) -> None:
+                      cache_dir: str, seed: int, on_batch: Callable[[int, int], None] | None = None) -> list[str]:
     """One Ray Data execution over ``rows`` (dicts with prompt/chosen/rejected/source/row_id/split), the
     actors writing Parquet shards into ``out_dir``. Rows are ordered by length so batches hold texts of
-    similar size. ``on_batch(pairs, tokens_computed)`` is called in the driver as each batch finishes."""
+    similar size. ``on_batch(pairs, tokens_computed)`` is called in the driver as each batch finishes.
+    Returns the Ray node ids of the actors that computed the rows (sorted; empty when there were none)."""
     from sparserm.data.ray_dataset import actor_pass
 
     if not rows:
-        return
+        return []
     ordered = sorted(rows, key=lambda r: len(r["prompt"]) + len(r["chosen"]) + len(r["rejected"]))
     # One block per batch, each at most batch_size pairs, handed whole to an actor call (batch_size=None):
     # re-batching blocks of other sizes leaves remainder calls of a pair or two.
     ds = actor_pass(ordered, ResidualExtractor, {"model_cfg": asdict(model_cfg), "features_cfg": asdict(features_cfg),
                                                  "cache_dir": cache_dir, "seed": seed, "out_dir": out_dir},
                     blocks=math.ceil(len(ordered) / max(1, features_cfg.batch_size)), resources=features_cfg)
+    nodes: set[str] = set()
     for receipt in ds.iter_batches(batch_format="numpy", batch_size=None):
+        nodes.update(str(n) for n in receipt["node_id"])
         if on_batch is not None:
             on_batch(len(receipt["row_id"]), int(receipt["n_computed"].sum()))
+    return sorted(nodes)

@@ -15,8 +15,9 @@ from tqdm.auto import tqdm
 
 from sparserm.config import Config
 from sparserm.data import is_eval, load_pairs, write_rejects
-from sparserm.features.cache import ActivationCache
+from sparserm.features.cache import COMPLETE_FILE, ActivationCache
 from sparserm.manifest import input_checksum, stable_hash, write_json
+from sparserm.storage import local_dir, pull, push
 
 
 @dataclass
@@ -57,7 +58,14 @@ def cache_key(cfg: Config, checksums: dict[str, str]) -> str:
 
 
 def cache_root(cfg: Config, checksums: dict[str, str]) -> Path:
-    return Path(cfg.run.cache_dir).expanduser() / "activations" / cache_key(cfg, checksums)
+    return local_dir(cfg.run.cache_dir) / "activations" / cache_key(cfg, checksums)
+
+
+def drop_partial_shards(cache: ActivationCache) -> None:
+    """Remove the half-written shards (``*.tmp``, never read) of actor calls that did not finish; no call of a
+    pass may be running."""
+    for stale in cache.shard_dir.glob("*.tmp"):
+        stale.unlink()
 
 
 def run_features(cfg: Config, out_dir: Path, data: PreparedData | None = None) -> ActivationCache:
@@ -68,6 +76,8 @@ def run_features(cfg: Config, out_dir: Path, data: PreparedData | None = None) -
     write_rejects(data.rejects, out_dir / "rejects.jsonl")
     write_json(out_dir / "data_summary.json", data.summary)
     cache = ActivationCache(cache_root(cfg, data.checksums))
+    if not cache.is_complete and pull(cfg.run.cache_dir, cache.root):
+        print(f"[features] pulled from {cfg.run.cache_dir}: {cache.root.name}", flush=True)
     if cache.is_complete:
         print(f"[features] cache complete, model pass skipped: {cache.root}", flush=True)
         return cache
@@ -79,8 +89,7 @@ def run_features(cfg: Config, out_dir: Path, data: PreparedData | None = None) -
     from sparserm.features.extract import extract_to_shards
 
     t0 = time.time()
-    for stale in cache.shard_dir.glob("*.tmp"):  # half-written by a call that was stopped; no pass runs now
-        stale.unlink()
+    drop_partial_shards(cache)  # of a pass that was stopped
     for old in cache.shard_dir.glob("chunk-*"):  # an unfinished pass in the old layout: redone in this one,
         shutil.rmtree(old)                       # so every shard of a cache has the same column types
     done = cache.done_row_ids()
@@ -97,8 +106,9 @@ def run_features(cfg: Config, out_dir: Path, data: PreparedData | None = None) -
             bar.update(n_pairs)
             bar.set_postfix(computed_tokens_per_s=f"{computed / (time.time() - t0):.0f}")
 
-        extract_to_shards(todo, str(cache.shard_dir), cfg.model, cfg.features, cfg.run.cache_dir, cfg.run.seed,
-                          on_batch=on_batch)
+        node_ids = extract_to_shards(todo, str(cache.shard_dir), cfg.model, cfg.features, cfg.run.cache_dir,
+                                     cfg.run.seed, on_batch=on_batch)
+    drop_partial_shards(cache)  # of calls whose actor was killed (Ray Data redid them on a restarted actor)
     pooled = cache.read_pooled(cfg.model.layer)
     counts = Counter(pooled.meta["row_id"])
     if len(counts) != len(data.rows) or set(counts.values()) != {2}:
@@ -109,8 +119,9 @@ def run_features(cfg: Config, out_dir: Path, data: PreparedData | None = None) -
         "key": cache.root.name, "n_pairs": len(data.rows), "n_texts": len(pooled.meta["row_id"]),
         "d_model": int(pooled.states.shape[1]), "n_tokens": int(pooled.meta["n_tokens"].sum()), "n_computed": int(pooled.meta["n_computed"].sum()),
         "seconds": round(time.time() - t0, 1), "layers": list(cfg.model.layers), "pooling": cfg.model.pooling,
-        "inputs": data.checksums,
+        "inputs": data.checksums, "node_ids": node_ids,  # the Ray nodes whose actors computed this call's pairs
     })
+    push(cfg.run.cache_dir, cache.root, marker=COMPLETE_FILE)
     print(f"[features] {cache.summary['n_texts']} texts, {cache.summary['n_computed']} tokens computed "
           f"in {cache.summary['seconds']} s -> {cache.root}", flush=True)
     return cache

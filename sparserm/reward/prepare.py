@@ -16,7 +16,7 @@ from sparserm.features.stage import run_features
 from sparserm.features.stats import LatentFrequencies, latent_frequencies
 from sparserm.reward.directions import directions, select_latents
 from sparserm.sae import SparseAutoencoder
-from sparserm.sae.stage import eval_tokens, measure, obtain_sae
+from sparserm.sae.stage import tracked_sae
 
 
 @dataclass
@@ -84,8 +84,7 @@ def prepare_reward_data(cfg: Config, out_dir: Path, cache: ActivationCache | Non
 
     cache = cache or run_features(cfg, out_dir)
     layer, d_model = cfg.model.layer, cache.summary["d_model"]
-    sae, sae_dir = obtain_sae(cfg, cache, layer, d_model)
-    sae_metrics = measure(sae, eval_tokens(cache, layer, d_model, cfg.run.seed), cfg.features.outlier_norm_factor)
+    sae, sae_dir, sae_metrics = tracked_sae(cfg, cache, layer, d_model, out_dir)  # <out_dir>/tensorboard/sae-layer<L>
     if not ray.is_initialized():
         ray.init(address=cfg.run.ray_address, include_dashboard=False, log_to_driver=False)
     freqs = latent_frequencies(cache, layer, asdict(cfg.sae), str(sae_dir) if sae_dir else None, split="train")

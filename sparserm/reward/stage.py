@@ -27,7 +27,8 @@ def fit_head(cfg: Config, rd: RewardData, out_dir: Path, *, inputs: str = "topk"
                       margin=r.margin, hidden=r.hidden, epochs=r.epochs, lr=r.lr, weight_decay=r.weight_decay,
                       batch_size=r.batch_size, num_workers=r.num_workers, num_cpus=r.num_cpus, num_gpus=r.num_gpus,
                       seed=cfg.run.seed if seed is None else seed, patience=r.patience,
-                      storage_dir=out_dir / "train", name=name, progress=progress, ray_address=cfg.run.ray_address)
+                      storage_dir=out_dir / "train", name=name, progress=progress, ray_address=cfg.run.ray_address,
+                      max_failures=cfg.run.max_failures, tracking=cfg.tracking)
 
 
 def accuracy_by_source(s_w: torch.Tensor, s_l: torch.Tensor, pairs: PairSet) -> dict[str, float]:
@@ -63,7 +64,8 @@ def run_rm_train(cfg: Config, out_dir: Path) -> Path:
                      neg_ids=rd.neg_ids, mu_w=rd.freqs.mu_w, mu_l=rd.freqs.mu_l, sae_info=sae_info(cfg, rd),
                      extra={"loss": cfg.reward.loss, "best_epoch": result.best_epoch, "eval_accuracy": eval_acc})
     metrics = {"eval_accuracy": eval_acc, "n_pairs": {"train": len(rd.train), "val": len(rd.val), "eval": len(rd.eval)},
-               "best_epoch": result.best_epoch, "history": result.history, "sae": rd.sae_metrics,
+               "best_epoch": result.best_epoch, "history": result.history, "placements": result.placements,
+               "sae": rd.sae_metrics,
                "activation_cache": rd.cache.summary, "seconds": {"features_and_sae": round(t_prep, 1),
                                                                  "total": round(time.time() - t0, 1)}}
     write_json(out_dir / "metrics.json", metrics)

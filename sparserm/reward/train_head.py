@@ -14,8 +14,9 @@ Only the latest checkpoint is kept (it carries the best head), so a run costs ~2
 Resume: a run with the same ``storage_dir``/``name`` finds Ray Train's run snapshot there, so
 ``ray.train.get_checkpoint()`` returns the last finished epoch; the workers reload head, optimizer state,
 history and best head and continue at the next epoch. The shuffle of epoch e depends only on
-(seed, e), so a resumed run repeats exactly what an uninterrupted one would do. A stored run whose
-settings or data differ (``fingerprint``) is refused rather than silently continued. A checkpoint of
+(seed, e), so a resumed run repeats exactly what an uninterrupted one would do, and so does a run whose
+worker died mid-epoch: Ray Train restarts the worker group from that checkpoint (``max_failures`` times).
+A stored run whose settings or data differ (``fingerprint``) is refused rather than silently continued. A checkpoint of
 before the shared optimizer format (``optimizer.safetensors`` + param groups in state.json) resumes with
 its head, history and best head, and its optimizer moments restart (the worker prints why).
 
@@ -23,13 +24,17 @@ Early stopping (``patience`` > 0, ``reward.patience``): training stops once the 
 then lower val loss) has not improved for ``patience`` epochs; the returned head is still the best epoch's,
 and the last history row and the result carry ``stopped_early_at``. ``patience`` is not in the fingerprint
 (like ``epochs``, it says when to stop, not what an epoch computes).
+
+Tracking (``tracking``, ``sparserm.tracking``): rank 0 logs each step's loss (``step/loss``, the history rows'
+``step_loss``) and each epoch's row (``epoch/<key>``, at the epoch's last step) at global steps into
+``<storage_dir>/<name>/tensorboard/`` (and MLflow when configured); a resumed run logs only the epochs it trains.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +44,9 @@ from sparserm.align.optimizer_state import load_optimizer_state, save_optimizer_
 from sparserm.reward.accuracy import pair_accuracy
 from sparserm.reward.head import RewardHead, head_state, load_head, save_head
 from sparserm.reward.losses import get_loss
-from sparserm.train_state import (OPTIMIZER_DIR, EarlyStopping, all_reduced, epoch_order, refuse_other_run,
-                                  report_epoch, resumed_checkpoint)
+from sparserm.tracking import Tracker, tracking_spec
+from sparserm.train_state import (OPTIMIZER_DIR, EarlyStopping, all_reduced, epoch_order, rank_placements,
+                                  refuse_other_run, report_epoch, resumed_checkpoint)
 
 __all__ = ["TrainHeadResult", "train_head", "ensure_ray", "fit_polling", "failure_config"]
 
@@ -54,6 +60,7 @@ class TrainHeadResult:
     finished: bool = True  # False when stopped by ``stop_after_epoch`` before ``epochs``
     start_epoch: int = 1  # the first epoch this call trained (> 1 after a resume; epochs + 1: nothing left)
     stopped_early_at: int | None = None  # the epoch early stopping (``patience``) ended the run at
+    placements: list[dict] = field(default_factory=list)  # each rank's node_id, gpu_ids, device (rank order)
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -69,8 +76,9 @@ def ensure_ray(address: str | None = None) -> None:
 PLACEMENT_RETRIES = 10
 
 
-def failure_config(max_failures: int = 0):
-    """Ray Train's ``FailureConfig``: ``max_failures`` worker-group failures, and a bounded wait for placement."""
+def failure_config(max_failures: int):
+    """Ray Train's ``FailureConfig``: ``max_failures`` worker-group failures (``run.max_failures``; -1: no limit)
+    recovered from the latest checkpoint, and a bounded wait for placement."""
     from ray.train import FailureConfig
 
     return FailureConfig(max_failures=max_failures, controller_failure_limit=PLACEMENT_RETRIES)
@@ -117,6 +125,7 @@ def _train_loop(cfg: dict) -> dict:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     # Ray Train names cuda:0 for a worker holding a (logical) GPU even where there is no CUDA
     device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+    placements = rank_placements(device, world)
     data = {k: torch.tensor(np.asarray(v)).to(device) for k, v in ray.get(cfg["data_ref"]).items()}
     loss_fn, margin = get_loss(cfg["loss"]), cfg["margin"]
 
@@ -145,27 +154,30 @@ def _train_loop(cfg: dict) -> dict:
     n, per_bs = data["x_w"].shape[0], max(1, math.ceil(cfg["batch_size"] / world))
     best = EarlyStopping(cfg["patience"], best_key, history)
     last = cfg["epochs"] if cfg["stop_after_epoch"] is None else min(cfg["epochs"], cfg["stop_after_epoch"])
+    tracker = Tracker(cfg["tracking"], rank)  # rank 0: each step's loss and each epoch's row (sparserm.tracking)
     for epoch in range(start_epoch, last + 1):
         if best.stop:
             break
         shard = epoch_order(n, cfg["seed"], epoch, rank, world, multiple=world).to(device)  # equal shards
         model.train()
-        total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, pair count
-        for b in range(0, shard.numel(), per_bs):
+        per_step = torch.zeros(math.ceil(shard.numel() / per_bs), 2, dtype=torch.float64, device=device)  # loss, pairs
+        for i, b in enumerate(range(0, shard.numel(), per_bs)):
             idx = shard[b: b + per_bs]
             s = model(torch.cat([data["x_w"][idx], data["x_l"][idx]]))  # one forward per DDP step
             loss = loss_fn(s[: idx.numel()], s[idx.numel():], margin=margin)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += torch.tensor([loss.item() * idx.numel(), idx.numel()], dtype=torch.float64, device=device)
-        total = all_reduced(total, device, world)
+            per_step[i] = torch.tensor([loss.item() * idx.numel(), idx.numel()], dtype=torch.float64, device=device)
+        per_step = all_reduced(per_step, device, world)
+        total = per_step.sum(0)
         module.eval()
         with torch.no_grad():
             v_w, v_l = module(data["v_w"]), module(data["v_l"])
             val_loss = float(loss_fn(v_w, v_l, margin=margin).item())
         row = {"epoch": epoch, "train_loss": float(total[0] / total[1]), "val_loss": val_loss,
-               "val_accuracy": pair_accuracy(v_w.cpu(), v_l.cpu())}
+               "val_accuracy": pair_accuracy(v_w.cpu(), v_l.cpu()),
+               "step_loss": (per_step[:, 0] / per_step[:, 1]).tolist()}
         history.append(row)
         if best.update(row):
             best_state = head_state(module)
@@ -185,7 +197,10 @@ def _train_loop(cfg: dict) -> dict:
         report_epoch(epoch, {**row, "best_epoch": best.best_epoch},
                      {"best_epoch": best.best_epoch, "history": history, "fingerprint": cfg["fingerprint"],
                       **({"stopped_early_at": epoch} if best.stop else {})}, rank=rank, write=write)
-    return {"start_epoch": start_epoch}  # rank 0's value becomes ``Result.return_value``
+        tracker.log_epoch({**row, "best_epoch": best.best_epoch}, {"loss": row["step_loss"]},
+                          first_step=(epoch - 1) * len(per_step) + 1)  # global steps: every epoch takes as many
+    tracker.close()
+    return {"start_epoch": start_epoch, "placements": placements}  # rank 0's becomes ``Result.return_value``
 
 
 def train_head(train: dict, val: dict, *, loss: str = "margin", margin: float = 1.0, hidden: int = 512,
@@ -193,12 +208,13 @@ def train_head(train: dict, val: dict, *, loss: str = "margin", margin: float = 
                num_workers: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0, seed: int = 0,
                storage_dir: Path, name: str, progress: bool = True, max_failures: int = 0,
                stop_after_epoch: int | None = None, ray_address: str | None = None,
-               poll_interval_s: float = 0.1, patience: int = 0) -> TrainHeadResult:
+               poll_interval_s: float = 0.1, patience: int = 0, tracking=None) -> TrainHeadResult:
     """Train a :class:`RewardHead` on pairs ``{"x_w": [N, D], "x_l": [N, D]}`` with Ray Train.
 
     ``batch_size`` is the global batch (each of ``num_workers`` DDP workers takes ``ceil(batch/W)``);
     ``num_cpus`` / ``num_gpus`` are per worker (GPU training when ``num_gpus > 0``).
-    ``max_failures``: worker failures Ray Train recovers from (from the latest checkpoint).
+    ``max_failures``: worker failures Ray Train recovers from, from the latest checkpoint (the stages pass
+    ``run.max_failures``).
     ``stop_after_epoch``: stop cleanly after that epoch, as an interrupted job would (a later call with
     the same ``storage_dir``/``name`` resumes); the result then has ``finished=False``.
     ``poll_interval_s``: Ray Train's controller polls workers at this interval, and every
@@ -206,7 +222,9 @@ def train_head(train: dict, val: dict, *, loss: str = "margin", margin: float = 
     minute); used unless ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` is set in the environment.
     ``patience`` > 0: stop once the best epoch has not improved for that many epochs (``stopped_early_at``;
     the result is then ``finished``); 0: train every epoch.
-    Returns the head of the best epoch (val accuracy, ties → lower val loss; complete ties → earlier).
+    ``tracking``: a ``TrackingConfig`` (the stage's ``cfg.tracking``); None: nothing logged.
+    Returns the head of the best epoch (val accuracy, ties → lower val loss; complete ties → earlier), and
+    ``placements``: the node, GPU ids and device of each rank of this call, in rank order.
     """
     import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
@@ -229,7 +247,8 @@ def train_head(train: dict, val: dict, *, loss: str = "margin", margin: float = 
            "in_dim": int(x_w.shape[1]), "epochs": int(epochs), "lr": float(lr), "weight_decay": float(weight_decay),
            "batch_size": int(batch_size), "seed": int(seed), "name": name, "progress": bool(progress),
            "x_mean": stats.x_mean.tolist(), "x_std": stats.x_std.tolist(), "fingerprint": fingerprint,
-           "stop_after_epoch": stop_after_epoch, "patience": int(patience)}
+           "stop_after_epoch": stop_after_epoch, "patience": int(patience),
+           "tracking": tracking_spec(tracking, Path(storage_dir, name, "tensorboard"), "reward_head", fingerprint)}
     use_gpu = num_gpus > 0
     trainer = TorchTrainer(
         _train_loop, train_loop_config=cfg,
@@ -247,10 +266,12 @@ def train_head(train: dict, val: dict, *, loss: str = "margin", margin: float = 
     ckpt_dir = Path(result.checkpoint.path)
     state = json.loads((ckpt_dir / "state.json").read_text())
     stopped = state.get("stopped_early_at")
+    returned = result.return_value or {}
     out = TrainHeadResult(head=load_head(ckpt_dir / "best").eval(), best_epoch=int(state["best_epoch"]),
                           history=list(state["history"]), checkpoint_dir=ckpt_dir,
                           finished=int(state["epoch"]) >= epochs or stopped is not None,
-                          start_epoch=int((result.return_value or {}).get("start_epoch", 1)), stopped_early_at=stopped)
+                          start_epoch=int(returned.get("start_epoch", 1)), stopped_early_at=stopped,
+                          placements=list(returned.get("placements", [])))
     if progress:  # the per-epoch lines come from the rank-0 worker (seen only with log_to_driver)
         best = out.history[out.best_epoch - 1]
         print(f"[train_head {name}] trained epochs {out.start_epoch}..{state['epoch']} of {epochs}"

@@ -4,7 +4,8 @@ The activations are scaled by one scalar so their mean squared norm is d (residu
 hundreds), ``b_dec`` starts at the data mean, TopK's AuxK loss revives dead latents, and the learning rate
 decays over the last fifth of training. After training the decoder norms and the scale are folded into
 the weights, so the saved SAE (a sae-lens folder: cfg.json + sae_weights.safetensors) works on raw
-activations.
+activations. Its ``sparserm_sae.json`` keeps each step's loss (``loss_history``); a ``tracker``
+(``sparserm.tracking``) gets each step's metrics as sae-lens builds them for wandb, at sae-lens' step count.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Iterator
 import torch
 
 from sparserm.sae.autoencoder import META_FILE, SparseAutoencoder
+from sparserm.tracking import Tracker
 
 
 def _batches(x: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
@@ -26,14 +28,34 @@ def _batches(x: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tens
                 yield x[idx]
 
 
+def _tracked_trainer(tracker: Tracker):
+    """sae-lens' ``SAETrainer`` whose ``step`` (the public seam its ``fit`` calls once a step, before it counts
+    the step) also records the step's loss and gives ``tracker`` the step's log dict (sae-lens' own, that it
+    sends wandb), at the step's number (``n_training_steps``: 0, 1, ...)."""
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    class TrackedTrainer(SAETrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.loss_history: list[float] = []
+
+        def step(self, batch: torch.Tensor):
+            out = super().step(batch)
+            self.loss_history.append(out.loss.item())
+            if tracker.active:
+                tracker.log(self.build_train_step_log_dict(out, self.n_training_samples), self.n_training_steps)
+            return out
+
+    return TrackedTrainer
+
+
 def train_sae(train_acts: torch.Tensor, *, width: int = 4096, k: int = 32, lr: float = 4e-4,
               batch_size: int = 1024, training_tokens: int = 2_000_000, normalize: bool = True, seed: int = 0,
               device: str = "cpu", out_dir: Path, layer: int, hook_name: str = "",
-              progress: bool = True) -> SparseAutoencoder:
+              progress: bool = True, tracker: Tracker | None = None) -> SparseAutoencoder:
     from sae_lens import SAE
     from sae_lens.config import SAETrainerConfig
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
-    from sae_lens.training.sae_trainer import SAETrainer
 
     if len(train_acts) < batch_size:
         raise ValueError(f"SAE training needs at least sae.batch_size={batch_size} tokens, got {len(train_acts)}")
@@ -54,7 +76,8 @@ def train_sae(train_acts: torch.Tensor, *, width: int = 4096, k: int = 32, lr: f
                                    dead_feature_window=max(50, steps // 10), feature_sampling_window=max(100, steps // 5),
                                    n_checkpoints=0, save_final_checkpoint=False)
     t0 = time.time()
-    trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=_batches(x, batch_size, seed))
+    trainer = _tracked_trainer(tracker or Tracker(None))(cfg=trainer_cfg, sae=sae,
+                                                         data_provider=_batches(x, batch_size, seed))
     trainer.fit()
     seconds = time.time() - t0
 
@@ -70,7 +93,7 @@ def train_sae(train_acts: torch.Tensor, *, width: int = 4096, k: int = 32, lr: f
     inference.save_model(out_dir)
     meta = {"source": "train", "layer": layer, "hook_name": hook_name, "width": width, "k": k, "lr": lr,
             "batch_size": batch_size, "steps": steps, "n_tokens": len(train_acts), "scale_folded": scale,
-            "seed": seed, "seconds": round(seconds, 1), "complete": True}
+            "seed": seed, "seconds": round(seconds, 1), "loss_history": trainer.loss_history, "complete": True}
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
     import shutil
 

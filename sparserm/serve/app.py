@@ -54,7 +54,7 @@ class RewardModelServer:
         torch.set_num_threads(max(1, int(round(cfg.num_cpus or 1))))
         self.cfg, self.guard = cfg, GuardSpec.from_config(cfg, token_sha256)
         self.rm = SparseRM.load(rm_dir)
-        self.model_name = str(self.rm.meta.get("name") or Path(rm_dir).resolve().name)
+        self.model_name = str(self.rm.meta.get("name") or rm_dir.split("?")[0].rstrip("/").rsplit("/", 1)[-1])
         self.scorer = Scorer(self.rm)
         self.scorer.score_groups([self.scorer.encode("warm-up", ["ok"])])  # load and fail here, not per request
         self._batched.set_max_batch_size(cfg.max_batch_size)
@@ -217,12 +217,14 @@ def build_app(rm_dir: str | Path, cfg: ServeConfig | None = None, *, token: str 
     """The bound application for ``serve.run``. ``token``: the bearer token (``None``: no auth; default: the
     value of ``os.environ[cfg.auth_env]`` in this process, no auth when unset or empty). Only its SHA-256 is
     handed to the replicas."""
+    from sparserm.storage import fetched, is_uri
+
     cfg = validate_serve(cfg or ServeConfig())
-    rm_dir = Path(rm_dir).resolve()
-    if not (rm_dir / "rm.json").is_file():
+    rm_dir = str(rm_dir) if is_uri(rm_dir) else str(Path(rm_dir).resolve())  # a URI: each replica pulls it
+    if not (fetched(rm_dir) / "rm.json").is_file():
         raise FileNotFoundError(f"{rm_dir} is not a SparseRM folder (no rm.json)")
     digest = token_digest(token, cfg.auth_env)
-    return RewardModelDeployment.options(**deployment_options(cfg)).bind(str(rm_dir), cfg, digest)
+    return RewardModelDeployment.options(**deployment_options(cfg)).bind(rm_dir, cfg, digest)
 
 
 def start(rm_dir: str | Path, cfg: ServeConfig | None = None, *, name: str = APP_NAME, route_prefix: str = "/",

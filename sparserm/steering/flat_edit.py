@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sparserm.steering import hook
 from sparserm.steering.edit import edit_latents
-from sparserm.steering.hook import SteerRun
 from sparserm.steering.vector import SteeringVector
 
 Packed = tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]  # latents [R, k], scores [R, k], alpha [R], modes
@@ -110,9 +110,7 @@ class PromptDensity:
 def pack_vectors(vectors: list[SteeringVector], device) -> tuple[list[int], Packed]:
     """The vectors with latents, packed one row each as ``hook.SteerRun.pack`` packs them: (their indices into
     ``vectors``, (latents [R, k] with -1 in unused slots, scores [R, k], alpha [R], modes))."""
-    run = SteerRun(torch.zeros(len(vectors), 0), [None] * len(vectors), list(vectors))
-    run.pack(device)
-    rows, latents, scores, alpha, modes = run.packed
+    rows, latents, scores, alpha, modes = hook.pack_vectors(list(vectors), device)
     return rows, (latents, scores, alpha, modes)
 
 
@@ -174,5 +172,4 @@ def row_changes(edit: FlatEdit, n_rows: int, counted: torch.Tensor | None = None
 def request_counts(steps: list[tuple[int, torch.Tensor]]) -> dict:
     """``hook.SteerRun.counts`` of one request over its forwards' entries: edited_tokens, edited_latents,
     latent_edits."""
-    run = SteerRun(torch.zeros(1, 0), [None], [None], steps=[{0: s} for s in steps])
-    return run.counts([len(steps)])[0]
+    return hook.edit_counts(steps)

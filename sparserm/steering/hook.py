@@ -48,27 +48,33 @@ class SteerRun:
                 if v is None and s is not None and s.enabled]
 
     def pack(self, device) -> None:
-        rows = [b for b, v in enumerate(self.vectors) if v is not None and len(v.latents)]
-        k = max((len(self.vectors[b].latents) for b in rows), default=0)
-        latents = torch.full((len(rows), k), -1, dtype=torch.long)
-        scores = torch.zeros(len(rows), k)
-        for j, b in enumerate(rows):
-            v = self.vectors[b]
-            latents[j, : len(v.latents)], scores[j, : len(v.latents)] = v.latents, v.scores
-        alpha = torch.tensor([float(self.vectors[b].alpha) for b in rows])
-        self.packed = (rows, latents.to(device), scores.to(device), alpha.to(device),
-                       [self.vectors[b].mode for b in rows])
+        self.packed = pack_vectors(self.vectors, device)
 
     def counts(self, n_steps: list[int]) -> list[dict]:
-        """Per row, over its first ``n_steps[b]`` forwards: token positions edited, distinct latents edited, and
-        latent edits in all."""
-        out = []
-        for b, n in enumerate(n_steps):
-            changed = [step[b] for step in self.steps[:n] if b in step and step[b][0]]
-            ids = torch.cat([c[1] for c in changed]) if changed else torch.empty(0, dtype=torch.long)
-            out.append({"edited_tokens": sum(c[0] for c in changed), "edited_latents": int(ids.unique().numel()),
-                        "latent_edits": int(ids.numel())})
-        return out
+        """Per row, over its first ``n_steps[b]`` forwards: :func:`edit_counts`."""
+        return [edit_counts([step[b] for step in self.steps[:n] if b in step]) for b, n in enumerate(n_steps)]
+
+
+def pack_vectors(vectors: list[SteeringVector | None], device) -> tuple:
+    """The vectors with latents, one row each: (their indices into ``vectors``, latents [R, k] with -1 in unused
+    slots, scores [R, k], alpha [R], modes)."""
+    rows = [b for b, v in enumerate(vectors) if v is not None and len(v.latents)]
+    k = max((len(vectors[b].latents) for b in rows), default=0)
+    latents = torch.full((len(rows), k), -1, dtype=torch.long)
+    scores = torch.zeros(len(rows), k)
+    for j, b in enumerate(rows):
+        latents[j, : len(vectors[b].latents)], scores[j, : len(vectors[b].latents)] = vectors[b].latents, vectors[b].scores
+    alpha = torch.tensor([float(vectors[b].alpha) for b in rows])
+    return rows, latents.to(device), scores.to(device), alpha.to(device), [vectors[b].mode for b in rows]
+
+
+def edit_counts(changed: list[tuple[int, torch.Tensor]]) -> dict:
+    """One row's forwards' entries (positions edited, the latents changed at them) summed: token positions
+    edited, distinct latents edited, and latent edits in all."""
+    changed = [c for c in changed if c[0]]
+    ids = torch.cat([c[1] for c in changed]) if changed else torch.empty(0, dtype=torch.long)
+    return {"edited_tokens": sum(c[0] for c in changed), "edited_latents": int(ids.unique().numel()),
+            "latent_edits": int(ids.numel())}
 
 
 def _hidden(output):

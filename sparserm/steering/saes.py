@@ -23,6 +23,7 @@ from typing import Callable
 
 from sparserm.config import Config, ConfigError, replace
 from sparserm.manifest import stable_hash, write_json
+from sparserm.storage import local_dir
 
 SIDES = ("input", "output")
 
@@ -60,7 +61,7 @@ def fetch_registry_sae(release: str, sae_id: str, cache_dir: str | Path) -> Path
     """A registry SAE saved as a sae-lens folder under ``cache_dir`` (fetched by sae-lens once, then reused)."""
     from sparserm.sae.autoencoder import META_FILE, load_registry
 
-    folder = Path(cache_dir).expanduser() / "saes" / f"registry-{stable_hash([release, sae_id])}"
+    folder = local_dir(cache_dir) / "saes" / f"registry-{stable_hash([release, sae_id])}"
     meta = folder / META_FILE
     if meta.is_file() and json.loads(meta.read_text()).get("complete"):
         return folder

@@ -5,6 +5,7 @@ import math
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -38,6 +39,18 @@ def test_adapter_changes_base_does_not_and_resume_continues(cfg, ray_session, tm
     lr = [5e-3 * min(1.0, (k + 1) / 3) for k in range(6)]
     assert [h["lr"] for h in hist] == [pytest.approx(lr[0:2]), pytest.approx(lr[2:4]), pytest.approx(lr[4:6])]
     assert [h["global_step"] for h in hist] == [2, 4, 6]
+    # each step's loss and accuracy are of its 4 pairs: the epoch's are their mean
+    assert [sum(h["step_loss"]) / 2 for h in hist] == pytest.approx([h["loss"] for h in hist], rel=1e-12)
+    assert [sum(h["step_reward_accuracy"]) / 2 for h in hist] == pytest.approx([h["reward_accuracy"] for h in hist])
+    # what rank 0 logged to TensorBoard (on by default), read back: the history's steps and epochs, each once (the
+    # resumed process logged epochs 2-3 only), at global steps
+    from sparserm.testing import tensorboard_scalars
+
+    tb = tensorboard_scalars(tmp_path / "dpo" / "tensorboard")
+    for tag, key in (("loss", "step_loss"), ("reward_accuracy", "step_reward_accuracy"), ("lr", "lr")):
+        assert tb[f"step/{tag}"] == [(k + 1, np.float32(v)) for k, v in enumerate(v for h in hist for v in h[key])]
+    for key in ("epoch", "loss", "reward_accuracy", "reward_margin", "global_step", "base_checksum"):
+        assert tb[f"epoch/{key}"] == [(h["global_step"], np.float32(h[key])) for h in hist]
 
     from transformers import AutoModelForCausalLM
 

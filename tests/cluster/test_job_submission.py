@@ -1,25 +1,15 @@
 """Stages submitted as Ray jobs: every ``jobs/<stage>.py`` is the CLI's own command, and a features job submitted
 through the Job Submission API to a cluster started with ``ray start --head`` succeeds and writes its run folder.
 
-The cluster is this module's own (``local_cluster``): its own ``--temp-dir`` (a short folder under /tmp: Ray's
-socket paths must stay under 107 characters, which a pytest ``tmp_path`` can pass), every port it opens chosen free
-and bound to 127.0.0.1, and no ``RAY_ADDRESS`` inherited, so neither the test session's ``ray.init()`` instance
-(``ray_session``) nor another job's cluster on this machine is touched. Teardown ends only this cluster's processes,
-found by its temp dir in their command lines (``ray stop`` would end every Ray on the machine).
+The cluster is this module's own (``local_cluster``, tests/cluster/conftest.py: ``cluster/local_multinode.py``
+starts it with its own temp dir, free ports on 127.0.0.1 and token, and ends only its processes).
 """
 from __future__ import annotations
 
 import json
-import os
 import runpy
-import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -82,114 +72,7 @@ def test_evaluate_job_refuses_an_unknown_kind(monkeypatch):
 
 # ------------------------------------------------------------------ a real job on a real cluster
 
-PORTS = ("port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-         "ray-client-server-port", "runtime-env-agent-port", "metrics-export-port", "node-manager-port",
-         "object-manager-port")
 JOB_TIMEOUT_S = 300
-
-
-@dataclass(frozen=True)
-class LocalCluster:
-    """A running ``ray start --head`` cluster: its dashboard (Job Submission API) URL, GCS address and temp dir."""
-
-    dashboard_url: str
-    gcs_address: str
-    temp_dir: Path
-    token: str  # the cluster's authentication token (RAY_AUTH_MODE=token)
-
-    def client(self):
-        """A ``JobSubmissionClient`` of this cluster, sending its token."""
-        from ray.job_submission import JobSubmissionClient
-
-        return JobSubmissionClient(self.dashboard_url, headers={"Authorization": f"Bearer {self.token}"})
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct ports free on 127.0.0.1 now (held open together, so no two are the same)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def cluster_env(token: str) -> dict:
-    """What ``ray start`` (and so every job driver and worker) runs with: no RAY_ADDRESS; token authentication on
-    with this cluster's own token (Ray 2.60's ``ray start`` turns it on by itself when ~/.ray/auth_token exists and
-    leaves it off otherwise; pinned here, the test does not depend on that file); and this Python's bin folder
-    first on PATH, so a job's ``python -m jobs.<stage>`` is the interpreter that has sparserm."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"))}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
-    return env
-
-
-def stop_cluster(temp_dir: Path, timeout: float = 5.0) -> None:
-    """SIGTERM, then SIGKILL, every process whose command line names ``temp_dir``: this cluster's, no other."""
-    import psutil
-
-    def ours():
-        found = []
-        for p in psutil.process_iter(["pid", "cmdline"]):
-            try:
-                if p.pid != os.getpid() and any(str(temp_dir) in a for a in (p.info["cmdline"] or ())):
-                    found.append(p)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-        return found
-
-    procs = ours()
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for p in alive + ours():  # ours() again: a worker started while the others went down
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-
-
-@pytest.fixture(scope="module")
-def local_cluster():
-    """``ray start --head --num-cpus 2`` with the dashboard (the Job Submission API is the dashboard head's; it hands
-    each job to the dashboard agent of the head node), answering before the test runs; stopped after the module."""
-    import requests
-
-    temp_dir = Path(tempfile.mkdtemp(prefix="srm-ray-", dir="/tmp"))
-    ports = dict(zip(PORTS, free_ports(len(PORTS))))
-    token = uuid.uuid4().hex
-    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
-           "--num-cpus", "2", "--num-gpus", "0", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-           "--temp-dir", str(temp_dir), "--object-store-memory", str(200 * 2 ** 20), "--disable-usage-stats",
-           *[a for name, port in ports.items() for a in (f"--{name}", str(port))]]
-    try:
-        started = subprocess.run(cmd, env=cluster_env(token), capture_output=True, text=True, timeout=120)
-        assert started.returncode == 0, f"ray start failed:\n{started.stdout}\n{started.stderr}"
-        cluster = LocalCluster(f"http://127.0.0.1:{ports['dashboard-port']}", f"127.0.0.1:{ports['port']}",
-                               temp_dir, token)
-        deadline, last = time.time() + 90, None
-        while time.time() < deadline:  # the dashboard's HTTP server comes up shortly after `ray start` returns
-            try:
-                cluster.client().list_jobs()
-                break
-            except (ConnectionError, requests.exceptions.ConnectionError) as exc:  # refused until it listens
-                last = exc
-                time.sleep(1)
-        else:
-            pytest.fail(f"the Job Submission API at {cluster.dashboard_url} did not answer within 90 s: {last}")
-        yield cluster
-    finally:
-        stop_cluster(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def runtime_env(cache: Path) -> dict:

@@ -52,6 +52,24 @@ def test_rm_folder_and_metrics(rm_run):
     assert len(latents) == 16 and {r["favours"] for r in latents} == {"chosen", "rejected"}
 
 
+def test_sae_and_head_training_are_tracked_in_the_run_folder(rm_run):
+    """TensorBoard (the default), read back: the SAE's steps (20000 tokens / 256: 78) and its held-out quality at
+    step 78, equal to metrics.json's; the head's steps and epochs at global steps, equal to its history."""
+    from sparserm.testing import tensorboard_scalars
+
+    _, out, _ = rm_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    sae = tensorboard_scalars(out / "tensorboard" / "sae-layer2")
+    assert {k: v for k, v in sae.items() if k.startswith("eval/")} == {
+        f"eval/{k}": [(78, np.float32(v))] for k, v in metrics["sae"].items()}
+    assert [s for s, _ in sae["losses/overall_loss"]] == list(range(78))
+    head, hist = tensorboard_scalars(out / "train" / "head" / "tensorboard"), metrics["history"]
+    n = len(hist[0]["step_loss"])
+    assert head["step/loss"] == [(i + 1, np.float32(v)) for i, v in enumerate(v for h in hist for v in h["step_loss"])]
+    for key in ("epoch", "train_loss", "val_loss", "val_accuracy"):
+        assert head[f"epoch/{key}"] == [(n * h["epoch"], np.float32(h[key])) for h in hist]
+
+
 def test_score_api_matches_cached_features(rm_run):
     tmp, out, overrides = rm_run
     from sparserm.features.stage import cache_root, prepare_data

@@ -5,11 +5,14 @@ Ray starts once (the session fixture ``ray_session`` of tests/conftest.py). Ever
 """
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from sparserm.config import TrackingConfig
 from sparserm.reward.head import RewardHead
 from sparserm.reward.train_head import train_head
+from sparserm.testing import mlflow_metrics, tensorboard_scalars
 
 D, HIDDEN, EPOCHS = 16, 32, 4
 KW = dict(hidden=HIDDEN, epochs=EPOCHS, batch_size=64, lr=1e-3, seed=0, progress=False)
@@ -63,11 +66,12 @@ def test_checkpoint_is_safetensors_and_json_only(full_run):
                      "optimizer/rank_0.json", "optimizer/rank_0.safetensors", "state.json"]
 
 
-def test_resume_continues_from_last_finished_epoch(data, storage, full_run):
+def test_resume_continues_from_last_finished_epoch(data, storage, full_run, tmp_path):
     train, val = data
-    first = train_head(train, val, storage_dir=storage, name="resumed", stop_after_epoch=2, **KW)
+    tracking = TrackingConfig(mlflow_uri=str(tmp_path / "mlflow"))  # and TensorBoard, the default
+    first = train_head(train, val, storage_dir=storage, name="resumed", stop_after_epoch=2, tracking=tracking, **KW)
     assert [h["epoch"] for h in first.history] == [1, 2] and not first.finished
-    second = train_head(train, val, storage_dir=storage, name="resumed", **KW)
+    second = train_head(train, val, storage_dir=storage, name="resumed", tracking=tracking, **KW)
     assert second.start_epoch == 3  # epochs 1-2 were restored from the checkpoint, not retrained
     assert [h["epoch"] for h in second.history] == [1, 2, 3, 4] and second.finished
     assert second.history[:2] == first.history
@@ -76,6 +80,19 @@ def test_resume_continues_from_last_finished_epoch(data, storage, full_run):
         for key in ("train_loss", "val_loss", "val_accuracy"):
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6)
     assert second.best_epoch == full_run.best_epoch
+
+    # what rank 0 logged, read back by TensorBoard and MLflow: the run's own history, each step and epoch once (the
+    # resumed process logged epochs 3-4 only), at global steps (400 pairs, batch 64: 7 steps an epoch)
+    log_dir = storage / "resumed" / "tensorboard"
+    tb, ml = tensorboard_scalars(log_dir), mlflow_metrics(tracking.mlflow_uri, log_dir)
+    assert {len(h["step_loss"]) for h in second.history} == {7}
+    losses = [v for h in second.history for v in h["step_loss"]]
+    assert tb["step/loss"] == [(i + 1, np.float32(v)) for i, v in enumerate(losses)]  # TensorBoard: float32
+    assert ml["step/loss"] == [(i + 1, v) for i, v in enumerate(losses)]
+    for key in ("epoch", "train_loss", "val_loss", "val_accuracy"):
+        assert tb[f"epoch/{key}"] == [(7 * h["epoch"], np.float32(h[key])) for h in second.history]
+        assert ml[f"epoch/{key}"] == [(7 * h["epoch"], h[key]) for h in second.history]
+    assert [v for _, v in ml["epoch/best_epoch"]][-1] == second.best_epoch
 
 
 def test_two_gloo_workers(data, storage):

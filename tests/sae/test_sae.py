@@ -1,10 +1,13 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 
-from sparserm.config import SAEConfig
+from sparserm.config import SAEConfig, TrackingConfig
 from sparserm.sae import SAELoadError, SparseAutoencoder, evaluate_sae, load_registry, load_sae, massive_token_mask, train_sae
+from sparserm.testing import tensorboard_scalars
+from sparserm.tracking import Tracker, tracking_spec
 
 
 def synthetic(n=6000, d=32, atoms=128, active=4, seed=0, n_massive=30):
@@ -24,9 +27,24 @@ def synthetic(n=6000, d=32, atoms=128, active=4, seed=0, n_massive=30):
 def trained(tmp_path_factory):
     x, mask = synthetic()
     out = tmp_path_factory.mktemp("sae") / "sae"
-    sae = train_sae(x[~mask][:5000], width=256, k=8, lr=3e-3, batch_size=256, training_tokens=256 * 300,
-                    out_dir=out, layer=3, progress=False)
+    with Tracker(tracking_spec(TrackingConfig(), out.parent / "tensorboard", "sae")) as tracker:
+        sae = train_sae(x[~mask][:5000], width=256, k=8, lr=3e-3, batch_size=256, training_tokens=256 * 300,
+                        out_dir=out, layer=3, progress=False, tracker=tracker)
     return sae, out, x, mask
+
+
+def test_every_step_is_tracked_as_sae_lens_builds_its_metrics(trained):
+    """Steps 0..299 (sae-lens' step count), each once; the loss is the one the SAE's meta file records."""
+    _, out, _, _ = trained
+    meta = json.loads((out / "sparserm_sae.json").read_text())
+    tb = tensorboard_scalars(out.parent / "tensorboard")
+    assert meta["steps"] == 300 and len(meta["loss_history"]) == 300
+    assert tb["losses/overall_loss"] == [(i, np.float32(v)) for i, v in enumerate(meta["loss_history"])]
+    assert {"losses/mse_loss", "metrics/explained_variance", "metrics/l0", "details/current_learning_rate"} <= set(tb)
+    assert all([s for s, _ in points] == list(range(300)) for points in tb.values())
+    assert {v for _, v in tb["metrics/l0"]} == {8.0}  # TopK: k latents on every token
+    lr = [v for _, v in tb["details/current_learning_rate"]]  # constant, then decayed over the last fifth
+    assert lr[0] == lr[239] == np.float32(3e-3) and lr[-1] < lr[239]
 
 
 def test_massive_mask_flags_exactly_the_planted_tokens():

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import ray
 
 from sparserm.config import Config, ConfigError, to_dict
+from sparserm.train_state import placement_info
 
 PLACEMENT_TIMEOUT_S = 120.0  # for the placement groups: resources that are there are granted in seconds
 ACTOR_START_TIMEOUT_S = 3600.0  # for the actors' constructors: a hub download and vLLM's start can take long
@@ -59,12 +60,6 @@ class RewardScorer:
 
     def placement(self) -> dict:
         return placement_info()
-
-
-def placement_info() -> dict:
-    """Where the calling actor runs: its node and the GPU ids Ray reserved for it."""
-    ctx = ray.get_runtime_context()
-    return {"node_id": ctx.get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 
 
 class EnginePool:
