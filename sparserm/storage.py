@@ -19,7 +19,9 @@ import hashlib
 import os
 from pathlib import Path
 
-__all__ = ["is_uri", "local_dir", "pull", "push", "fetched"]
+__all__ = ["is_uri", "local_dir", "pull", "push", "fetched", "shard_home", "upload", "train_storage", "sync_down"]
+
+_MIRRORS: dict[str, str] = {}  # this process's mirrors: local folder -> the URI it stands for
 
 
 def is_uri(target: str | os.PathLike | None) -> bool:
@@ -44,7 +46,17 @@ def local_dir(target: str | os.PathLike) -> Path:
         return Path(text[len("file://"):] if text.startswith("file://") else text).expanduser()
     from sparserm.config import default_cache_dir
 
-    return Path(default_cache_dir()).expanduser() / "storage" / hashlib.sha256(str(target).encode()).hexdigest()[:16]
+    folder = Path(default_cache_dir()).expanduser() / "storage" / hashlib.sha256(str(target).encode()).hexdigest()[:16]
+    _MIRRORS[str(folder)] = str(target)
+    return folder
+
+
+def _home_of(folder: Path) -> str | None:
+    """The URI whose mirror (made in this process) holds ``folder``; None: a plain local folder."""
+    for parent in (Path(folder), *Path(folder).parents):
+        if str(parent) in _MIRRORS:
+            return _MIRRORS[str(parent)]
+    return None
 
 
 def _remote(home: str, folder: Path) -> tuple[object, str, Path]:
@@ -54,9 +66,13 @@ def _remote(home: str, folder: Path) -> tuple[object, str, Path]:
         rel = folder.relative_to(local_dir(home))
     except ValueError:
         raise ValueError(f"{folder} is not inside the local mirror {local_dir(home)} of {home}") from None
+    return (*_at(home, rel.as_posix()), folder)
+
+
+def _at(home: str, rel: str) -> tuple[object, str]:
+    """(filesystem, path) of the place ``rel`` (posix, "." for the root) under the URI ``home``."""
     fs, root = _filesystem(home)
-    remote = root.rstrip("/") if str(rel) == "." else f"{root.rstrip('/')}/{rel.as_posix()}"
-    return fs, remote, folder
+    return fs, (root.rstrip("/") if rel in ("", ".") else f"{root.rstrip('/')}/{rel}")
 
 
 def pull(home: str | os.PathLike, folder: Path) -> bool:
@@ -69,8 +85,12 @@ def pull(home: str | os.PathLike, folder: Path) -> bool:
     fs, remote, folder = _remote(str(home), folder)
     if fs.get_file_info(remote).type != pafs.FileType.Directory:
         return False
+    local = pafs.LocalFileSystem()
+    for info in fs.get_file_info(pafs.FileSelector(remote, recursive=True)):
+        mine = folder / info.path[len(remote):].lstrip("/")
+        if info.type == pafs.FileType.File and not (mine.is_file() and mine.stat().st_size == info.size):
+            _copy_file(fs, info.path, local, str(mine))  # a file already here at its size is not fetched again
     folder.mkdir(parents=True, exist_ok=True)
-    pafs.copy_files(remote, str(folder), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return True
 
 
@@ -110,3 +130,38 @@ def fetched(target: str | os.PathLike) -> Path:
     if not pull(target, folder):
         raise FileNotFoundError(f"{target}: no such folder in storage")
     return folder
+
+
+def shard_home(home: str | os.PathLike, folder: Path) -> tuple[str, str] | None:
+    """For workers on other nodes: (URI, ``folder``'s place under it) when ``home`` is a URI, else None; a worker
+    uploads each file it writes there (:func:`upload`), whatever its own node's mirror is."""
+    if not is_uri(home):
+        return None
+    return str(home), Path(folder).relative_to(local_dir(home)).as_posix()
+
+
+def upload(place: tuple[str, str], path: Path) -> None:
+    """Copies the file ``path`` to ``place`` (a :func:`shard_home` pair) under its own name."""
+    import pyarrow.fs as pafs
+
+    fs, remote = _at(*place)
+    _copy_file(pafs.LocalFileSystem(), str(path), fs, f"{remote}/{Path(path).name}")
+
+
+def train_storage(folder: Path) -> tuple[str, object | None]:
+    """Ray Train's ``(storage_path, storage_filesystem)`` for a run kept in ``folder``: the URI's filesystem and
+    path when ``folder`` is inside a URI's mirror, so every worker writes its checkpoints there from any node;
+    else the local folder."""
+    home = _home_of(folder)
+    if home is None:
+        return str(Path(folder).resolve()), None
+    fs, remote, _ = _remote(home, Path(folder))
+    return remote, fs
+
+
+def sync_down(folder: Path) -> None:
+    """Brings ``folder`` up to date from the URI whose mirror holds it (what workers wrote there); a no-op for a
+    plain local folder."""
+    home = _home_of(folder)
+    if home is not None:
+        pull(home, Path(folder))

@@ -106,16 +106,31 @@ def test_a_second_run_on_another_node_reuses_the_first_runs_caches(s3, node, tmp
     data = _pairs_file(tmp_path / "pairs.jsonl")
     overrides = [f"run.cache_dir={s3('cache')}", f"model.name={tiny_model_dir}", "model.layer=2", "model.max_tokens=32",
                  f"data.sources=[{{path: {data}}}]", "features.batch_size=8", "features.num_cpus=1",
-                 "sae.width=64", "sae.k=4", "sae.batch_size=64", "sae.training_tokens=6400", "reward.top_k=8"]
+                 "sae.width=64", "sae.k=4", "sae.batch_size=64", "sae.training_tokens=6400", "reward.top_k=8",
+                 "reward.hidden=16", "reward.epochs=2"]
     node("a")
-    assert main(["sae", "train", *overrides, "--output-dir", s3("runs/first")]) == 0
+    assert main(["rm", "train", *overrides, "--output-dir", s3("runs/first")]) == 0
     assert (len(passes), len(fits)) == (1, 1)
-    first = storage.fetched(s3("runs/first"))
+    # written to S3 by the workers themselves: the actors' shards, Ray Train's epoch checkpoint of the head
+    assert any(p.endswith(".parquet") and "/shards/" in p for p in _remote_files(s3("cache")))
+    assert any("/train/head/epoch_0002/" in p for p in _remote_files(s3("runs/first")))
     node("b")  # another node: nothing on its disk, the same storage
     assert main(["sae", "train", *overrides, "--output-dir", s3("runs/second")]) == 0
     assert (len(passes), len(fits)) == (1, 1)  # no second model pass, no second fit: both caches came from S3
-    second = storage.fetched(s3("runs/second"))
-    assert second != first and second.parent.parent == tmp_path / "b"
+    first, second = storage.fetched(s3("runs/first")), storage.fetched(s3("runs/second"))
+    assert second.parent.parent == first.parent.parent == tmp_path / "b"
     m1, m2 = (json.loads((d / "manifest.json").read_text()) for d in (first, second))
     assert m1["config"]["run"]["cache_dir"] == m2["config"]["run"]["cache_dir"] == s3("cache")
-    assert json.loads((first / "sae_eval.json").read_text()) == json.loads((second / "sae_eval.json").read_text())
+    quality, again = json.loads((first / "metrics.json").read_text())["sae"], json.loads((second / "sae_eval.json").read_text())
+    assert quality == {k: again[k] for k in quality} and again["n_train_tokens"] > 0  # the same SAE, measured again
+    node("c")  # the RM trained on node a, scored on a third node from S3 alone
+    rm = SparseRM.load(s3("runs/first/rm"))
+    texts = (["Question 1: how do I bake bread?"] * 2, ["Mix flour and water, step 1.", "I won't help with that."])
+    assert rm.score(*texts) == pytest.approx(SparseRM.load(first / "rm").score(*texts), abs=1e-6)
+
+
+def _remote_files(uri):
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(uri)
+    return [i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if i.type == pafs.FileType.File]

@@ -340,11 +340,11 @@ def train_dpo(cfg: Config, pairs: list[dict], *, storage_dir: Path, name: str, i
     the last epoch's weights, or with early stopping (``align.train.patience``) the best epoch's (``best_epoch``;
     otherwise None): LoRA: the adapter folder (both keys); full fine-tuning: a model folder (``adapter`` None).
     ``finished``: every epoch ran, or early stopping ended the run."""
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import ScalingConfig
     import ray
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from sparserm.reward.train_head import ensure_ray, failure_config, fit_polling
+    from sparserm.reward.train_head import ensure_ray, final_checkpoint, fit_polling, run_config
 
     a = cfg.align
     t = a.train
@@ -378,14 +378,10 @@ def train_dpo(cfg: Config, pairs: list[dict], *, storage_dir: Path, name: str, i
         _train_loop, train_loop_config=c,
         torch_config=TorchConfig(backend=None if t.backend == "auto" else t.backend),  # auto: nccl with GPUs
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(storage_path=str(Path(storage_dir).resolve()), name=name,
-                             failure_config=failure_config(cfg.run.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+        run_config=run_config(storage_dir, name, cfg.run.max_failures),
     )
     result = fit_polling(trainer, 0.2)
-    if result.checkpoint is None:
-        raise RuntimeError(f"dpo {name!r}: no epoch finished, so there is no checkpoint")
-    ckpt = Path(result.checkpoint.path)
+    ckpt = final_checkpoint(result, storage_dir, name, "dpo")
     state = json.loads((ckpt / "state.json").read_text())
     folder = ckpt / ("best" if t.patience else FINETUNE[t.finetune].folder)  # LoRA: an adapter; full: a model
     return {"adapter": str(folder) if t.finetune == "lora" else None, "model": str(folder), "history": state["history"],

@@ -27,6 +27,7 @@ import torch
 
 from sparserm.config import FeaturesConfig, ModelConfig, build
 from sparserm.features.cache import SHARD_NAME
+from sparserm.storage import upload
 
 SIDES = ("chosen", "rejected")
 
@@ -73,7 +74,8 @@ class ResidualExtractor:
     one shard into ``out_dir`` and returns one receipt row per pair (row id, tokens computed, the Ray node id
     of the actor that computed it)."""
 
-    def __init__(self, model_cfg: dict, features_cfg: dict, cache_dir: str, seed: int, out_dir: str):
+    def __init__(self, model_cfg: dict, features_cfg: dict, cache_dir: str, seed: int, out_dir: str,
+                 shard_home: tuple[str, str] | None = None):
         import ray
 
         from sparserm.model.backbone import load_backbone
@@ -85,6 +87,7 @@ class ResidualExtractor:
         self.backbone = load_backbone(self.model_cfg, cache_dir)
         self.seed = seed
         self.node_id = ray.get_runtime_context().get_node_id()
+        self.shard_home = shard_home  # a cache on a storage URI: each shard is uploaded there once written
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -133,7 +136,9 @@ class ResidualExtractor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cols = self.columns(batch)
-        write_shard(cols, self.out_dir)
+        path = write_shard(cols, self.out_dir)
+        if self.shard_home:
+            upload(self.shard_home, path)
         # texts come in (chosen, rejected) order, pair by pair
         computed = np.asarray(cols["n_computed"]).reshape(-1, 2).sum(1)
         return {"row_id": np.asarray(cols["row_id"][::2]), "n_computed": computed,
@@ -141,7 +146,8 @@ class ResidualExtractor:
 
 
 def extract_to_shards(rows: list[dict], out_dir: str, model_cfg: ModelConfig, features_cfg: FeaturesConfig,
-                      cache_dir: str, seed: int, on_batch: Callable[[int, int], None] | None = None) -> list[str]:
+                      cache_dir: str, seed: int, on_batch: Callable[[int, int], None] | None = None,
+                      shard_home: tuple[str, str] | None = None) -> list[str]:
     """One Ray Data execution over ``rows`` (dicts with prompt/chosen/rejected/source/row_id/split), the
     actors writing Parquet shards into ``out_dir``. Rows are ordered by length so batches hold texts of
     similar size. ``on_batch(pairs, tokens_computed)`` is called in the driver as each batch finishes.
@@ -154,7 +160,8 @@ def extract_to_shards(rows: list[dict], out_dir: str, model_cfg: ModelConfig, fe
     # One block per batch, each at most batch_size pairs, handed whole to an actor call (batch_size=None):
     # re-batching blocks of other sizes leaves remainder calls of a pair or two.
     ds = actor_pass(ordered, ResidualExtractor, {"model_cfg": asdict(model_cfg), "features_cfg": asdict(features_cfg),
-                                                 "cache_dir": cache_dir, "seed": seed, "out_dir": out_dir},
+                                                 "cache_dir": cache_dir, "seed": seed, "out_dir": out_dir,
+                                                 "shard_home": shard_home},
                     blocks=math.ceil(len(ordered) / max(1, features_cfg.batch_size)), resources=features_cfg)
     nodes: set[str] = set()
     for receipt in ds.iter_batches(batch_format="numpy", batch_size=None):

@@ -17,7 +17,7 @@ from sparserm.config import Config
 from sparserm.data import is_eval, load_pairs, write_rejects
 from sparserm.features.cache import COMPLETE_FILE, ActivationCache
 from sparserm.manifest import input_checksum, stable_hash, write_json
-from sparserm.storage import local_dir, pull, push
+from sparserm.storage import local_dir, pull, push, shard_home
 
 
 @dataclass
@@ -107,7 +107,9 @@ def run_features(cfg: Config, out_dir: Path, data: PreparedData | None = None) -
             bar.set_postfix(computed_tokens_per_s=f"{computed / (time.time() - t0):.0f}")
 
         node_ids = extract_to_shards(todo, str(cache.shard_dir), cfg.model, cfg.features, cfg.run.cache_dir,
-                                     cfg.run.seed, on_batch=on_batch)
+                                     cfg.run.seed, on_batch=on_batch,
+                                     shard_home=shard_home(cfg.run.cache_dir, cache.shard_dir))
+    pull(cfg.run.cache_dir, cache.shard_dir)  # a cache on a URI: the shards actors on other nodes pushed there
     drop_partial_shards(cache)  # of calls whose actor was killed (Ray Data redid them on a restarted actor)
     pooled = cache.read_pooled(cfg.model.layer)
     counts = Counter(pooled.meta["row_id"])

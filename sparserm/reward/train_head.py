@@ -48,7 +48,7 @@ from sparserm.tracking import Tracker, tracking_spec
 from sparserm.train_state import (OPTIMIZER_DIR, EarlyStopping, all_reduced, epoch_order, rank_placements,
                                   refuse_other_run, report_epoch, resumed_checkpoint)
 
-__all__ = ["TrainHeadResult", "train_head", "ensure_ray", "fit_polling", "failure_config"]
+__all__ = ["TrainHeadResult", "train_head", "ensure_ray", "fit_polling", "failure_config", "run_config", "final_checkpoint"]
 
 
 @dataclass
@@ -82,6 +82,31 @@ def failure_config(max_failures: int):
     from ray.train import FailureConfig
 
     return FailureConfig(max_failures=max_failures, controller_failure_limit=PLACEMENT_RETRIES)
+
+
+def run_config(storage_dir: Path, name: str, max_failures: int):
+    """Ray Train's ``RunConfig`` of a run kept in ``storage_dir/name`` (a folder inside a storage URI's mirror:
+    on that URI, so workers on any node write their checkpoints there), one checkpoint kept."""
+    from ray.train import CheckpointConfig, RunConfig
+
+    from sparserm.storage import train_storage
+
+    path, fs = train_storage(Path(storage_dir))
+    return RunConfig(storage_path=path, storage_filesystem=fs, name=name, failure_config=failure_config(max_failures),
+                     checkpoint_config=CheckpointConfig(num_to_keep=1))
+
+
+def final_checkpoint(result, storage_dir: Path, name: str, what: str) -> Path:
+    """The local folder of a finished fit's latest checkpoint (brought down from the storage URI first, when the
+    run lives on one); RuntimeError naming the run when no epoch finished."""
+    from sparserm.storage import sync_down
+
+    if result.checkpoint is None:
+        raise RuntimeError(f"{what} {name!r}: no epoch finished, so there is no checkpoint")
+    run_dir = Path(storage_dir) / name
+    sync_down(run_dir)
+    local = run_dir / Path(result.checkpoint.path).name
+    return local if local.is_dir() else Path(result.checkpoint.path)
 
 
 def fit_polling(trainer, poll_interval_s: float):
@@ -227,7 +252,7 @@ def train_head(train: dict, val: dict, *, loss: str = "margin", margin: float = 
     ``placements``: the node, GPU ids and device of each rank of this call, in rank order.
     """
     import ray
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     get_loss(loss)  # fail early on an unknown name
@@ -256,14 +281,10 @@ def train_head(train: dict, val: dict, *, loss: str = "margin", margin: float = 
         torch_config=TorchConfig(backend="nccl" if use_gpu and torch.cuda.is_available() else "gloo"),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={
             "CPU": num_cpus, **({"GPU": num_gpus} if use_gpu else {})}),
-        run_config=RunConfig(storage_path=str(Path(storage_dir).resolve()), name=name,
-                             failure_config=failure_config(max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+        run_config=run_config(storage_dir, name, max_failures),
     )
     result = fit_polling(trainer, poll_interval_s)
-    if result.checkpoint is None:
-        raise RuntimeError(f"train_head {name!r}: no epoch finished, so there is no checkpoint")
-    ckpt_dir = Path(result.checkpoint.path)
+    ckpt_dir = final_checkpoint(result, storage_dir, name, "train_head")
     state = json.loads((ckpt_dir / "state.json").read_text())
     stopped = state.get("stopped_early_at")
     returned = result.return_value or {}
