@@ -19,6 +19,13 @@ from sparserm.testing import build_tiny_model, build_tiny_sae
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
+# the storage tests' S3 server (moto, on 127.0.0.1) takes any credentials; the session's Ray workers (features
+# actors, Ray Train workers uploading to it) read them from the environment they inherit, so they are set before
+# any Ray starts (a user's own are kept)
+for _key, _value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                     "AWS_EC2_METADATA_DISABLED": "true"}.items():
+    os.environ.setdefault(_key, _value)
+
 
 # the folders whose tests run Ray jobs (actors, Ray Train worker groups) that must end with their test
 RAY_JOB_TEST_DIRS = ("align", "fpo")

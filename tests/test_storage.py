@@ -20,18 +20,15 @@ def s3():
     import moto.server as moto_server
     import pyarrow.fs as pafs
 
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                     "AWS_EC2_METADATA_DISABLED": "true"}.items():
-            mp.setenv(k, v)
-        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        query = f"endpoint_override={host}:{port}&scheme=http"
-        fs, _ = pafs.FileSystem.from_uri(f"s3://{BUCKET}?{query}&allow_bucket_creation=true")
-        fs.create_dir(BUCKET)
-        yield lambda prefix: f"s3://{BUCKET}/{prefix}?{query}"
-        server.stop()
+    # credentials: tests/conftest.py sets test ones before any Ray starts (the workers upload too)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    query = f"endpoint_override={host}:{port}&scheme=http"
+    fs, _ = pafs.FileSystem.from_uri(f"s3://{BUCKET}?{query}&allow_bucket_creation=true")
+    fs.create_dir(BUCKET)
+    yield lambda prefix: f"s3://{BUCKET}/{prefix}?{query}"
+    server.stop()
 
 
 @pytest.fixture
