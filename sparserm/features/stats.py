@@ -1,7 +1,8 @@
-"""Latent activation frequencies for chosen and rejected texts, aggregated across the whole dataset.
+"""Latent activation frequencies for chosen and rejected texts of one split.
 
-A Ray Data pass over the cached pooled states: SAE actors encode each batch and return only per-batch
-counts (one row per side, m numbers); the driver adds those up and never holds the rows themselves.
+Computed in the driver from the pooled states it reads for the reward head anyway (one vector per text, read
+once), in batches through the SAE it already holds: no second read of the cache, and no Ray pass whose read
+tasks would wait for a CPU that a cluster's other work (a Serve app, say) holds.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sparserm.features.cache import ActivationCache
+from sparserm.features.cache import PooledTable
 
 
 @dataclass
@@ -29,44 +30,20 @@ class LatentFrequencies:
         return self.count_l / max(self.n_l, 1)
 
 
-class LatentCounter:
-    """Callable class for ``map_batches``: one SAE per actor."""
-
-    def __init__(self, sae_cfg: dict, trained_dir: str | None, layer: int):
-        from sparserm.config import SAEConfig, build
-        from sparserm.sae import load_sae
-
-        self.sae = load_sae(build(SAEConfig, sae_cfg), device=torch.device("cpu"), trained_dir=trained_dir)
-        self.column = f"pooled_{layer}"
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        h = torch.as_tensor(np.stack(list(batch[self.column])) if batch[self.column].dtype == object
-                            else batch[self.column], dtype=torch.float32)
-        with torch.no_grad():
-            active = (self.sae.encode(h) > 0).numpy()
-        sides = batch["side"]
-        return {"side": np.array(["chosen", "rejected"]),
-                "n": np.array([(sides == "chosen").sum(), (sides == "rejected").sum()]),
-                "counts": np.stack([active[sides == "chosen"].sum(0), active[sides == "rejected"].sum(0)])}
-
-
-def latent_frequencies(cache: ActivationCache, layer: int, sae_cfg: dict, trained_dir: str | None,
-                       split: str = "train", batch_size: int = 256) -> LatentFrequencies:
-    import ray
-
-    files = [str(f) for f in cache.files()]
-    ds = ray.data.read_parquet(files, columns=["side", "split", f"pooled_{layer}"])
-    ds = ds.filter(lambda row: row["split"] == split)
-    ds = ds.map_batches(LatentCounter, fn_constructor_kwargs={"sae_cfg": sae_cfg, "trained_dir": trained_dir,
-                                                              "layer": layer},
-                        batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
-                        num_cpus=1)
-    totals: dict[str, list] = {"chosen": [None, 0], "rejected": [None, 0]}
-    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-        for side, n, counts in zip(batch["side"], batch["n"], batch["counts"]):
-            acc = totals[str(side)]
-            acc[0] = counts.astype(np.int64) if acc[0] is None else acc[0] + counts
-            acc[1] += int(n)
-    if totals["chosen"][0] is None:
-        raise ValueError(f"no {split}-split texts in activation cache {cache.root}")
-    return LatentFrequencies(totals["chosen"][0], totals["rejected"][0], totals["chosen"][1], totals["rejected"][1])
+def latent_frequencies(pooled: PooledTable, sae, split: str = "train", batch_size: int = 4096,
+                       where: str = "the activation cache") -> LatentFrequencies:
+    """For each SAE latent, on how many chosen and how many rejected texts of ``split`` it is active (> 0)."""
+    keep = pooled.meta["split"] == split
+    if not keep.any():
+        raise ValueError(f"no {split}-split texts in {where}")
+    sides = pooled.meta["side"][keep]
+    states = pooled.states[torch.as_tensor(keep)]
+    counts = {"chosen": 0, "rejected": 0}
+    for start in range(0, len(states), batch_size):
+        active = (sae.encode(states[start:start + batch_size]) > 0).cpu().numpy()
+        side = sides[start:start + batch_size]
+        for name in counts:
+            counts[name] = counts[name] + active[side == name].sum(0, dtype=np.int64)
+    count_w, count_l = (np.broadcast_to(np.asarray(counts[s], dtype=np.int64), (sae.d_sae,)).copy()
+                        for s in ("chosen", "rejected"))
+    return LatentFrequencies(count_w, count_l, int((sides == "chosen").sum()), int((sides == "rejected").sum()))

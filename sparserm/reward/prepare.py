@@ -4,7 +4,7 @@ train / validation / eval pairs. Shared by ``rm train`` and ``rm ablate`` so bot
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -80,17 +80,14 @@ def _unit_hash(text: str, salt: str) -> float:
 
 
 def prepare_reward_data(cfg: Config, out_dir: Path, cache: ActivationCache | None = None) -> RewardData:
-    import ray
-
     cache = cache or run_features(cfg, out_dir)
     layer, d_model = cfg.model.layer, cache.summary["d_model"]
     sae, sae_dir, sae_metrics = tracked_sae(cfg, cache, layer, d_model, out_dir)  # <out_dir>/tensorboard/sae-layer<L>
-    if not ray.is_initialized():
-        ray.init(address=cfg.run.ray_address, include_dashboard=False, log_to_driver=False)
-    freqs = latent_frequencies(cache, layer, asdict(cfg.sae), str(sae_dir) if sae_dir else None, split="train")
+    pooled = cache.read_pooled(layer)  # read once: the latent frequencies and the pair sets
+    freqs = latent_frequencies(pooled, sae, split="train", where=f"activation cache {cache.root}")
     pos, neg = select_latents(freqs.mu_w, freqs.mu_l, cfg.reward.top_k)
     dirs = directions(sae.W_dec.detach().cpu().float(), pos, neg)
-    train, val, held_out = pair_sets(cache.read_pooled(layer), cfg.reward.val_fraction, cfg.data.split_salt)
+    train, val, held_out = pair_sets(pooled, cfg.reward.val_fraction, cfg.data.split_salt)
     if min(len(train), len(val), len(held_out)) == 0:
         raise ValueError(f"too few pairs to fit and evaluate: train={len(train)} val={len(val)} eval={len(held_out)}")
     return RewardData(cache, layer, sae, sae_dir, sae_metrics, freqs, pos, neg, dirs, train, val, held_out)

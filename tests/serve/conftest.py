@@ -1,5 +1,6 @@
-"""A tiny reward model and a steered chat app on the tiny model, served on 127.0.0.1 for the whole session, all on
-one HTTP proxy (``serve_port``).
+"""A tiny reward model and a steered chat app on the tiny model, served on 127.0.0.1 while this folder's tests run,
+all on one HTTP proxy (``serve_port``). The apps are package-scoped (this folder has an ``__init__.py`` for that):
+Serve shuts down after the folder's last test, so its replicas hold no CPUs of the session's Ray for later tests.
 
 * ``sparserm`` at ``/``: no auth, over-long texts rejected (413).
 * ``sparserm-auth`` at ``/auth``: bearer token (from the environment), over-long texts truncated and reported.
@@ -45,7 +46,7 @@ def serve_port() -> int:
     return free_port()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def service(ray_session, rm_dir, serve_port):
     """Started through :func:`sparserm.serve.app.start`, as ``sparserm serve rm`` does; the second app reads its
     token from the environment variable ``serve.auth_env``, the first is started with auth off."""
@@ -66,7 +67,7 @@ def service(ray_session, rm_dir, serve_port):
     serve.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def steer_service(ray_session, rm_dir, steer_map, serve_port):
     """The session's steering map at ``/steer`` and a reward model at ``/both/rm``, started through
     :func:`sparserm.serve.steer_app.start_all` as ``sparserm serve all`` does, with the token from the environment."""
@@ -85,7 +86,7 @@ def steer_service(ray_session, rm_dir, steer_map, serve_port):
     serve.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def steer_client(steer_service):
     """The official ``openai`` client on the steered chat app, with its token and no retries."""
     import openai
