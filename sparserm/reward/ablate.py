@@ -19,7 +19,7 @@ from sparserm.reward.accuracy import paired_difference
 from sparserm.reward.inputs import head_inputs
 from sparserm.reward.losses import LOSSES
 from sparserm.reward.prepare import prepare_reward_data
-from sparserm.reward.stage import accuracy_by_source, fit_head, head_scores, length_baseline
+from sparserm.reward.stage import accuracy_by_source, fit_heads, head_job, head_scores, length_baseline
 
 INPUT_LABELS = {"topk": "SparseRM (top-K directions)", "random": "random directions", "raw_sae": "raw SAE activations",
                 "dense": "DenseRM (dense pooled state)"}
@@ -41,14 +41,17 @@ def run_ablation(cfg: Config, out_dir: Path) -> Path:
     rows, correct = [], {}
     variants = [(name, cfg.reward.loss) for name in INPUT_LABELS] + \
                [("topk", loss) for loss in LOSSES if loss != cfg.reward.loss]
+    jobs = [head_job(cfg, rd, f"{inputs}-{loss}-s{seed}", inputs=inputs, loss=loss, seed=seed)
+            for inputs, loss in variants for seed in seeds]
+    print(f"[ablate] {len(variants)} variants x {len(seeds)} head seeds: {len(jobs)} heads in one Ray Train run",
+          flush=True)
+    fits = iter(fit_heads(cfg, jobs, out_dir, "ablate", progress=False))
     for inputs, loss in variants:
         name = f"{inputs}-{loss}"
         x_eval = head_inputs(inputs, rd, rd.eval)
         per_seed, hits, epochs = [], [], []
-        for seed in seeds:
-            print(f"[ablate] {name} seed {seed}", flush=True)
-            result = fit_head(cfg, rd, out_dir, inputs=inputs, loss=loss, name=f"{name}-s{seed}", seed=seed,
-                              progress=False)
+        for _ in seeds:
+            result = next(fits)
             s_w, s_l = head_scores(result, x_eval)
             per_seed.append(accuracy_by_source(s_w, s_l, rd.eval))
             hits.append((s_w > s_l).double())

@@ -17,18 +17,28 @@ from sparserm.reward.accuracy import pair_accuracy
 from sparserm.reward.inputs import head_inputs
 from sparserm.reward.model import save_rm
 from sparserm.reward.prepare import PairSet, RewardData, prepare_reward_data
-from sparserm.reward.train_head import TrainHeadResult, train_head
+from sparserm.reward.train_head import HeadJob, TrainHeadResult, train_heads
 
 
-def fit_head(cfg: Config, rd: RewardData, out_dir: Path, *, inputs: str = "topk", loss: str | None = None,
-             name: str = "head", progress: bool = True, seed: int | None = None) -> TrainHeadResult:
+def head_job(cfg: Config, rd: RewardData, name: str, *, inputs: str = "topk", loss: str | None = None,
+             seed: int | None = None) -> HeadJob:
+    """A head on ``rd``'s train/val pairs: ``inputs`` (``sparserm.reward.inputs``), the loss and seed of ``cfg``
+    unless given."""
+    return HeadJob(name, head_inputs(inputs, rd, rd.train), head_inputs(inputs, rd, rd.val), loss or cfg.reward.loss,
+                   cfg.run.seed if seed is None else seed)
+
+
+def fit_heads(cfg: Config, jobs: list[HeadJob], out_dir: Path, name: str, progress: bool = True) -> list[TrainHeadResult]:
+    """``jobs`` in one Ray Train run ``<out_dir>/train/<name>``, with ``cfg.reward``'s settings and resources."""
     r = cfg.reward
-    return train_head(head_inputs(inputs, rd, rd.train), head_inputs(inputs, rd, rd.val), loss=loss or r.loss,
-                      margin=r.margin, hidden=r.hidden, epochs=r.epochs, lr=r.lr, weight_decay=r.weight_decay,
-                      batch_size=r.batch_size, num_workers=r.num_workers, num_cpus=r.num_cpus, num_gpus=r.num_gpus,
-                      seed=cfg.run.seed if seed is None else seed, patience=r.patience,
-                      storage_dir=out_dir / "train", name=name, progress=progress, ray_address=cfg.run.ray_address,
-                      max_failures=cfg.run.max_failures, tracking=cfg.tracking)
+    return train_heads(jobs, margin=r.margin, hidden=r.hidden, epochs=r.epochs, lr=r.lr, weight_decay=r.weight_decay,
+                       batch_size=r.batch_size, num_workers=r.num_workers, num_cpus=r.num_cpus, num_gpus=r.num_gpus,
+                       patience=r.patience, storage_dir=out_dir / "train", name=name, progress=progress,
+                       ray_address=cfg.run.ray_address, max_failures=cfg.run.max_failures, tracking=cfg.tracking)
+
+
+def fit_head(cfg: Config, rd: RewardData, out_dir: Path, *, name: str = "head", progress: bool = True) -> TrainHeadResult:
+    return fit_heads(cfg, [head_job(cfg, rd, name)], out_dir, name, progress)[0]
 
 
 def accuracy_by_source(s_w: torch.Tensor, s_l: torch.Tensor, pairs: PairSet) -> dict[str, float]:

@@ -23,7 +23,7 @@ from sparserm.manifest import write_json, write_manifest
 from sparserm.reward.directions import directions, select_latents
 from sparserm.reward.inputs import head_inputs
 from sparserm.reward.prepare import prepare_reward_data
-from sparserm.reward.stage import evaluate_head, fit_head
+from sparserm.reward.stage import evaluate_head, fit_heads, head_job
 
 
 def layer_config(cfg: Config, layer: int) -> Config:
@@ -39,6 +39,7 @@ def run_sweep(cfg: Config, out_dir: Path) -> Path:
     n_folds = cfg.reward.sweep_folds
     if n_folds < 2:
         raise ValueError(f"reward.sweep_folds must be >= 2, got {n_folds}")
+    cells, jobs = [], []  # every (layer, K) cell's fold heads, fitted in one Ray Train run
     for layer in cfg.model.layers:
         cfg_l = layer_config(cfg, layer)
         rd = prepare_reward_data(cfg_l, out_dir, cache=cache)
@@ -51,22 +52,22 @@ def run_sweep(cfg: Config, out_dir: Path) -> Path:
                 continue
             pos, neg = select_latents(rd.freqs.mu_w, rd.freqs.mu_l, k)
             rd_k = dataclasses.replace(rd, pos_ids=pos, neg_ids=neg, dirs=directions(w_dec, pos, neg))
-            x_eval = head_inputs("topk", rd_k, rd_k.eval)  # the same held-out inputs for every fold head
-            fits, val_rows, evals = [], [], []
-            for f in range(n_folds):
-                rd_f = dataclasses.replace(rd_k, train=pool.take(fold != f), val=pool.take(fold == f))
-                fit = fit_head(cfg_l, rd_f, out_dir, name=f"L{layer}-K{k}-fold{f}", progress=False)
-                fits.append(fit)
-                val_rows.append(fit.history[fit.best_epoch - 1])
-                evals.append(evaluate_head(fit, x_eval, rd_k.eval))
-            row = {"layer": layer, "k": k, "val_accuracy": fmean([b["val_accuracy"] for b in val_rows]),
-                   "val_loss": fmean([b["val_loss"] for b in val_rows]), "best_epochs": [f.best_epoch for f in fits],
-                   "fold_accuracy": [b["val_accuracy"] for b in val_rows],
-                   "eval_accuracy": {src: fmean([e[src] for e in evals]) for src in evals[0]},
-                   "sae": {key: rd.sae_metrics.get(key) for key in ("fvu", "l0", "dead_fraction")}}
-            rows.append(row)
-            print(f"[sweep] layer {layer} K={k}: val {row['val_accuracy']:.4f} eval {row['eval_accuracy']['all']:.4f}",
-                  flush=True)
+            cells.append((layer, k, rd_k, head_inputs("topk", rd_k, rd_k.eval)))  # one held-out input for its folds
+            jobs += [head_job(cfg_l, dataclasses.replace(rd_k, train=pool.take(fold != f), val=pool.take(fold == f)),
+                              f"L{layer}-K{k}-fold{f}") for f in range(n_folds)]
+    fits = iter(fit_heads(cfg, jobs, out_dir, "sweep", progress=False) if jobs else [])
+    for layer, k, rd_k, x_eval in cells:
+        folds = [next(fits) for _ in range(n_folds)]
+        val_rows = [fit.history[fit.best_epoch - 1] for fit in folds]
+        evals = [evaluate_head(fit, x_eval, rd_k.eval) for fit in folds]
+        row = {"layer": layer, "k": k, "val_accuracy": fmean([b["val_accuracy"] for b in val_rows]),
+               "val_loss": fmean([b["val_loss"] for b in val_rows]), "best_epochs": [f.best_epoch for f in folds],
+               "fold_accuracy": [b["val_accuracy"] for b in val_rows],
+               "eval_accuracy": {src: fmean([e[src] for e in evals]) for src in evals[0]},
+               "sae": {key: rd_k.sae_metrics.get(key) for key in ("fvu", "l0", "dead_fraction")}}
+        rows.append(row)
+        print(f"[sweep] layer {layer} K={k}: val {row['val_accuracy']:.4f} eval {row['eval_accuracy']['all']:.4f}",
+              flush=True)
     if not rows:
         raise ValueError("rm sweep: no (layer, K) cell could be fitted; check reward.sweep_k against the SAE width")
     chosen = max(rows, key=lambda r: (r["val_accuracy"], -r["val_loss"]))

@@ -117,14 +117,15 @@ def test_sweep_picks_layer_and_k_on_validation_from_one_pass(rm_run):
     tmp, _, overrides = rm_run
     out = tmp / "sweep"
     over = [o for o in overrides if not o.startswith("reward.epochs")] + [
-        "model.extra_layers=[1]", "reward.sweep_k=[8]", "reward.epochs=2", "reward.sweep_folds=2"]
+        "model.extra_layers=[1]", "reward.sweep_k=[4,8]", "reward.epochs=2", "reward.sweep_folds=2"]
     before = set((tmp / "cache" / "activations").iterdir())
     assert main(["rm", "sweep", *over, "--output-dir", str(out)]) == 0
     new_caches = set((tmp / "cache" / "activations").iterdir()) - before
     assert len(new_caches) == 1  # one pass to the deepest layer serves both layers
     result = json.loads((out / "sweep.json").read_text())
     cells = {(r["layer"], r["k"]) for r in result["rows"]}
-    assert cells == {(1, 8), (2, 8)}  # (one k keeps CI's time: each cell x fold is a Ray Train run of ~9 s)
+    assert cells == {(1, 4), (1, 8), (2, 4), (2, 8)}
+    assert [p.name for p in (out / "train").iterdir()] == ["sweep"]  # 8 fold heads, one Ray Train run
     assert all(len(r["fold_accuracy"]) == 2 and len(r["best_epochs"]) == 2 for r in result["rows"])
     assert all(r["val_accuracy"] == pytest.approx(np.mean(r["fold_accuracy"])) for r in result["rows"])
     best = max(result["rows"], key=lambda r: (r["val_accuracy"], -r["val_loss"]))
@@ -137,16 +138,17 @@ def test_sweep_picks_layer_and_k_on_validation_from_one_pass(rm_run):
 def test_ablate_fits_every_variant_per_seed_and_reports_paired_gaps(rm_run):
     tmp, _, overrides = rm_run
     out = tmp / "ablate"
-    over = [o for o in overrides if not o.startswith("reward.epochs")] + ["reward.epochs=2", "reward.head_seeds=1"]
+    over = [o for o in overrides if not o.startswith("reward.epochs")] + ["reward.epochs=2", "reward.head_seeds=2"]
     assert main(["rm", "ablate", *over, "--output-dir", str(out)]) == 0
     result = json.loads((out / "ablation.json").read_text())
-    assert result["seeds"] == [0]  # one head seed keeps CI's time (each variant x seed is a Ray Train run)
+    assert result["seeds"] == [0, 1]
+    assert [p.name for p in (out / "train").iterdir()] == ["ablate"]  # 12 heads, one Ray Train run
     names = [r["name"] for r in result["rows"]]
     assert names == ["topk-margin", "random-margin", "raw_sae-margin", "dense-margin", "topk-bt", "topk-bce", "length"]
     dims = {r["name"]: r["in_dim"] for r in result["rows"]}
     assert dims["topk-margin"] == dims["random-margin"] == dims["raw_sae-margin"] == 16 and dims["dense-margin"] == 64
     for r in result["rows"][:-1]:
-        assert len(r["per_seed"]) == 1 and len(r["best_epochs"]) == 1
+        assert len(r["per_seed"]) == 2 and len(r["best_epochs"]) == 2
         assert r["accuracy"]["all"] == pytest.approx(np.mean([a["all"] for a in r["per_seed"]]))
     for other in ("random", "raw_sae", "dense"):
         gap = result["sparserm_minus"][other]["all"]

@@ -1,7 +1,8 @@
 """train_head with Ray Train on CPU: learning, safetensors checkpoints, resume, two gloo workers.
 
 Ray starts once (the session fixture ``ray_session`` of tests/conftest.py). Every ``train_head`` call costs
-~8-10 s of fixed Ray Train start-up on a 2-core machine, so the module makes four calls in all.
+~8-10 s of fixed Ray Train start-up on a 2-core machine, so the module makes few calls; ``train_heads`` pays it
+once for several heads.
 """
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 
 from sparserm.config import TrackingConfig
 from sparserm.reward.head import RewardHead
-from sparserm.reward.train_head import train_head
+from sparserm.reward.train_head import HeadJob, train_head, train_heads
 from sparserm.testing import mlflow_metrics, tensorboard_scalars
 
 D, HIDDEN, EPOCHS = 16, 32, 4
@@ -93,6 +94,38 @@ def test_resume_continues_from_last_finished_epoch(data, storage, full_run, tmp_
         assert tb[f"epoch/{key}"] == [(7 * h["epoch"], np.float32(h[key])) for h in second.history]
         assert ml[f"epoch/{key}"] == [(7 * h["epoch"], h[key]) for h in second.history]
     assert [v for _, v in ml["epoch/best_epoch"]][-1] == second.best_epoch
+
+
+def test_several_heads_in_one_run_each_equal_their_own_run_and_a_rerun_trains_nothing(data, storage, full_run):
+    train, val = data
+    narrow = {k: v[:, :8] for k, v in train.items()}, {k: v[:, :8] for k, v in val.items()}
+    jobs = [HeadJob("b", train, val, loss="bt", seed=1), HeadJob("a", train, val, seed=0), HeadJob("c", *narrow, seed=2)]
+    kw = {k: v for k, v in KW.items() if k != "seed"}
+    b, a, c = train_heads(jobs, storage_dir=storage, name="many", **kw)
+    # "a" has full_run's settings: trained after another head in the same workers, it is the head of its own run
+    assert a.history == full_run.history and a.best_epoch == full_run.best_epoch
+    for k, v in full_run.head.state_dict().items():
+        assert torch.equal(a.head.state_dict()[k], v), k
+    assert b.history != a.history and c.head.in_dim == 8 and all(r.finished and r.start_epoch == 1 for r in (a, b, c))
+    # one checkpoint, of the last report: the last job's state, the finished jobs' best heads
+    ckpt = c.checkpoint_dir
+    assert ckpt.name == f"epoch_{3 * EPOCHS:04d}" and (a.checkpoint_dir, b.checkpoint_dir) == (ckpt / "done" / "a",
+                                                                                                ckpt / "done" / "b")
+    files = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file())
+    assert files == ["best/head.json", "best/head.safetensors", *[f"done/{j}/best/head.{e}" for j in "ab"
+                                                                     for e in ("json", "safetensors")],
+                     "last/head.json", "last/head.safetensors", "optimizer/rank_0.json",
+                     "optimizer/rank_0.safetensors", "state.json"]
+    again = train_heads(jobs, storage_dir=storage, name="many", **kw)  # resumed: every job is done
+    assert [r.start_epoch for r in again] == [EPOCHS + 1] * 3 and [r.history for r in again] == [b.history,
+                                                                                                  a.history, c.history]
+    assert all(torch.equal(r.head.net[0].weight, f.head.net[0].weight) for r, f in zip(again, (b, a, c)))
+    with pytest.raises(ValueError, match=r"other settings: b\.seed"):
+        train_heads([HeadJob("b", train, val, loss="bt", seed=5), *jobs[1:]], storage_dir=storage, name="many", **kw)
+    with pytest.raises(ValueError, match="distinct names"):
+        train_heads([jobs[0], jobs[0]], storage_dir=storage, name="twice", **kw)
+    with pytest.raises(ValueError, match="one job"):
+        train_heads(jobs, storage_dir=storage, name="stopped", stop_after_epoch=1, **kw)
 
 
 def test_two_gloo_workers(data, storage):
