@@ -19,7 +19,7 @@ import hashlib
 import os
 from pathlib import Path
 
-__all__ = ["is_uri", "local_dir", "pull", "push", "fetched", "shard_home", "upload", "train_storage", "sync_down"]
+__all__ = ["is_uri", "portable", "base_name", "local_dir", "pull", "push", "fetched", "shard_home", "upload", "train_storage", "sync_down"]
 
 _MIRRORS: dict[str, str] = {}  # this process's mirrors: local folder -> the URI it stands for
 
@@ -28,6 +28,19 @@ def is_uri(target: str | os.PathLike | None) -> bool:
     """True for a storage URI (``scheme://...``); a local path, ``file://`` included, is not one."""
     text = str(target or "")
     return "://" in text and not text.startswith("file://")
+
+
+def portable(target: str | os.PathLike) -> str:
+    """``target`` as another process (a Serve replica, a worker) can find it: a URI as it is (each pulls it), a
+    local path made absolute."""
+    return str(target) if is_uri(target) else str(Path(local_dir(target)).resolve())
+
+
+def base_name(target: str | os.PathLike) -> str:
+    """The last part of ``target``'s path (of a URI: without its ``?query``), e.g. a served model's name."""
+    from urllib.parse import urlparse
+
+    return Path(urlparse(str(target)).path).name if is_uri(target) else Path(local_dir(target)).resolve().name
 
 
 def _filesystem(uri: str):

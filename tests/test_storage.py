@@ -83,6 +83,26 @@ def test_a_reward_model_on_s3_loads_on_a_node_that_never_saw_it(s3, node, tiny_m
     assert remote.score(*texts) == pytest.approx(local.score(*texts), abs=1e-6)
 
 
+def test_a_steering_map_on_s3_loads_on_a_node_that_never_saw_it_or_its_saes(s3, node, steer_map):
+    import shutil
+
+    from sparserm.steering.store import load_map
+
+    node("builder")
+    home = s3("maps/steer")
+    storage.push(home, shutil.copytree(steer_map, storage.local_dir(home)))
+    node("server")  # a node without the map or the SAE folders it was built from (both come from S3)
+    remote = load_map(home)
+    assert remote.folder == storage.local_dir(home) and remote.folder.parent.parent == node("server")
+    assert remote.input.folder.startswith(str(remote.folder.resolve())) and remote.key == load_map(steer_map).key
+    assert torch.equal(remote.cmap.dense(), load_map(steer_map).cmap.dense())
+    from sparserm.serve.config import ServeConfig
+    from sparserm.serve.steer_app import SteerServer
+
+    replica = SteerServer(home, ServeConfig())  # what each replica of `sparserm serve steer s3://...` makes
+    assert replica.model_name == "steer" and replica.gen.map.key == remote.key
+
+
 def _pairs_file(path, n=40):
     rows = [{"prompt": f"Question {i}: how do I bake bread?", "chosen": f"Mix flour and water, step {i}.",
              "rejected": "I won't help with that." + " no" * (i % 3)} for i in range(n)]

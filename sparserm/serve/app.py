@@ -217,10 +217,10 @@ def build_app(rm_dir: str | Path, cfg: ServeConfig | None = None, *, token: str 
     """The bound application for ``serve.run``. ``token``: the bearer token (``None``: no auth; default: the
     value of ``os.environ[cfg.auth_env]`` in this process, no auth when unset or empty). Only its SHA-256 is
     handed to the replicas."""
-    from sparserm.storage import fetched, is_uri
+    from sparserm.storage import fetched, portable
 
     cfg = validate_serve(cfg or ServeConfig())
-    rm_dir = str(rm_dir) if is_uri(rm_dir) else str(Path(rm_dir).resolve())  # a URI: each replica pulls it
+    rm_dir = portable(rm_dir)  # a URI: each replica pulls it
     if not (fetched(rm_dir) / "rm.json").is_file():
         raise FileNotFoundError(f"{rm_dir} is not a SparseRM folder (no rm.json)")
     digest = token_digest(token, cfg.auth_env)

@@ -56,11 +56,12 @@ class SteerServer:
         import torch
 
         from sparserm.steering.generate import SteeredGenerator
+        from sparserm.storage import base_name
 
         torch.set_num_threads(max(1, int(round(cfg.num_cpus or 1))))
         self.cfg, self.guard = cfg, GuardSpec.from_config(cfg, token_sha256)
         self.gen = SteeredGenerator.load(map_dir)
-        self.model_name, self.root = Path(map_dir).resolve().name, str(self.gen.map.cfg.model.name)
+        self.model_name, self.root = base_name(map_dir), str(self.gen.map.cfg.model.name)
         model_cfg = self.gen.map.cfg.model
         self.context = getattr(self.gen.model.config, "max_position_embeddings", None) or model_cfg.max_tokens
         # a prompt is never cut here (it must fit the context with its max_tokens), so the generator renders it whole
@@ -207,14 +208,15 @@ SteerDeployment = serve.deployment(name="SparseRMSteer")(serve.ingress()(SteerSe
 def build_steer_app(map_dir: str | Path, cfg: ServeConfig | None = None, *, token: str | None = ENV):
     """The bound application for ``serve.run`` (``token`` as in :func:`sparserm.serve.app.build_app`)."""
     from sparserm.steering.store import MANIFEST, MAP_FILE
+    from sparserm.storage import fetched, portable
 
     cfg = validate_serve(cfg or ServeConfig())
-    map_dir = Path(map_dir).resolve()
-    if not ((map_dir / MANIFEST).is_file() and (map_dir / MAP_FILE).is_file()):
+    map_dir = portable(map_dir)  # a URI: each replica pulls it (the map folder holds its SAEs)
+    if not ((fetched(map_dir) / MANIFEST).is_file() and (fetched(map_dir) / MAP_FILE).is_file()):
         raise FileNotFoundError(f"{map_dir} is not a steering-map folder (no {MANIFEST} and {MAP_FILE}); build one "
                                 "with `sparserm steer build`")
     digest = token_digest(token, cfg.auth_env)
-    return SteerDeployment.options(**deployment_options(cfg)).bind(str(map_dir), cfg, digest)
+    return SteerDeployment.options(**deployment_options(cfg)).bind(map_dir, cfg, digest)
 
 
 def start_steer(map_dir: str | Path, cfg: ServeConfig | None = None, *, name: str = APP_NAME,

@@ -32,8 +32,8 @@ from sparserm.config import Config, ModelConfig, build, replace, to_dict
 from sparserm.manifest import check_key, write_manifest
 from sparserm.steering.conditional_map import activation_density, conditional_difference_map, sparsify
 from sparserm.steering.sources import SAESide, Triples, load_triples, sae_sides
-from sparserm.steering.store import (DENSITIES, MANIFEST, MAP_FILE, STAGE, map_key, save_densities, save_map,
-                                     stored_key)
+from sparserm.steering.store import (DENSITIES, MANIFEST, MAP_FILE, STAGE, bundle_saes, map_key, save_densities,
+                                     save_map, stored_key)
 
 COUNTS = ("n_prompt", "n_chosen", "n_rejected")  # tokens per triple (the FLOP count of `steer evaluate` reads them)
 
@@ -150,8 +150,9 @@ def build_map(cfg: Config, out_dir: str | Path, progress: bool = True) -> Path:
     save_map(out_dir, cmap)
     save_densities(out_dir, G, D)
     tokens = {k: int(np.asarray(table.column(k)).sum()) for k in COUNTS}
+    bundled = bundle_saes(out_dir, sides)  # the folder is the whole map: it loads wherever it is copied or pulled
     write_manifest(out_dir, cfg, STAGE, inputs=triples.checksums, extra={"key": key, "data": triples.summary, "map": {
         "file": MAP_FILE, "layout": "csr over input latents", "m_in": cmap.m_in, "m_out": cmap.m_out,
         "nnz": cmap.nnz, "n_triples": len(triples.rows), "n_rejected": len(triples.rejects), "tokens": tokens,
-        "input_sae": asdict(sides[0]), "output_sae": asdict(sides[1]), "seconds": round(time.time() - start, 2)}})
+        "input_sae": asdict(bundled[0]), "output_sae": asdict(bundled[1]), "seconds": round(time.time() - start, 2)}})
     return out_dir

@@ -12,11 +12,17 @@ refused naming the fields that differ) and ``map`` (sizes, both SAE folders, tok
 is written last: a folder without one holds no map.
 
 ``densities.safetensors`` holds the per-triple densities G and D the map was formed from (``save_densities``).
+
+``saes/input`` and ``saes/output`` hold both SAE folders (``bundle_saes``: hard links where the source is on the
+same disk, else copies), and the manifest names them relative to the map folder: the folder is the whole map, so a
+copy of it elsewhere, or on a storage URI (``load_map`` pulls one into this node's mirror), loads on any node.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -26,7 +32,7 @@ from sparserm.manifest import StaleArtifactError, check_key, folder_hash, model_
 from sparserm.steering.conditional_map import ConditionalMap, sparsifier_key
 from sparserm.steering.sources import SAESide
 
-MAP_FILE, MANIFEST, DENSITIES = "map.safetensors", "manifest.json", "densities.safetensors"
+MAP_FILE, MANIFEST, DENSITIES, SAES = "map.safetensors", "manifest.json", "densities.safetensors", "saes"
 STAGE = "steer-map"
 DENSITY = "share_of_own_tokens_active"  # how g and rho are computed (a change of definition changes every key)
 
@@ -81,6 +87,30 @@ def load_densities(map_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
                  .dense() for name in ("g", "drho"))
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another disk, or links refused
+        shutil.copy2(src, dst)
+
+
+def bundle_saes(map_dir: Path, sides: tuple[SAESide, ...]) -> tuple[SAESide, ...]:
+    """Each side's SAE folder placed at ``map_dir/saes/<side>`` (a stale one there replaced); the sides with their
+    folder named relative to ``map_dir``, as the manifest keeps them."""
+    out = []
+    for side in sides:
+        rel = f"{SAES}/{side.side}"
+        dst = map_dir / rel
+        if Path(side.folder).resolve() != dst.resolve():
+            tmp = dst.with_name(dst.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(side.folder, tmp, copy_function=_link_or_copy)
+            shutil.rmtree(dst, ignore_errors=True)
+            tmp.replace(dst)
+        out.append(replace(side, folder=rel))
+    return tuple(out)
+
+
 @dataclass
 class SteeringMap:
     """A loaded map folder: the map, the config it was built with, and both SAE sides."""
@@ -98,10 +128,13 @@ class SteeringMap:
 
 
 def load_map(map_dir: str | Path) -> SteeringMap:
-    """The map of ``map_dir``; :class:`StaleArtifactError` when an SAE folder it names changed since."""
+    """The map of ``map_dir`` (a folder, or a storage URI pulled into this node's mirror); :class:`StaleArtifactError`
+    when an SAE folder it names changed since."""
     from safetensors.torch import load_file
 
-    map_dir = Path(map_dir)
+    from sparserm.storage import fetched
+
+    map_dir = fetched(map_dir)
     if not (map_dir / MANIFEST).is_file() or not (map_dir / MAP_FILE).is_file():
         raise FileNotFoundError(f"{map_dir} holds no steering map ({MANIFEST} and {MAP_FILE}); build one with "
                                 "`sparserm steer build`")
@@ -109,7 +142,8 @@ def load_map(map_dir: str | Path) -> SteeringMap:
     if manifest.get("stage") != STAGE:
         raise StaleArtifactError(f"{map_dir}/{MANIFEST} is a {manifest.get('stage')!r} manifest, not a steering map's")
     key, info = manifest["key"], manifest["map"]
-    sides = tuple(SAESide(**info[f"{s}_sae"]) for s in ("input", "output"))
+    sides = tuple(SAESide(**{**info[f"{s}_sae"], "folder": str((map_dir / info[f"{s}_sae"]["folder"]).resolve())})
+                  for s in ("input", "output"))  # relative to the map folder (a map of before: absolute)
     check_key({s: key[s] for s in ("input", "output")},
               {s.side: {"sae": folder_hash(s.folder), "layer": s.layer} for s in sides},
               f"steering map {map_dir} (its SAE folders)")

@@ -1,6 +1,7 @@
 """``sparserm steer build`` on the tiny model: the map and its manifest, equal to an independent computation;
 reuse, refusal of another key, and bad triples named by row."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,7 +47,8 @@ def test_build_writes_the_map_and_its_manifest(steer_map, steer_config, tiny_sae
     rows = load_triples(cfg).rows
     assert 0 < len(rows) < 14 and info["n_triples"] == key["n_triples"] == len(rows)  # train split only
     assert key["input"]["layer"] == 1 and key["output"]["layer"] == 2
-    assert info["input_sae"]["folder"] == str(tiny_saes[0].resolve()) and info["output_sae"]["d_sae"] == 128
+    assert (info["input_sae"]["folder"], info["output_sae"]["folder"]) == ("saes/input", "saes/output")
+    assert info["output_sae"]["d_sae"] == 128
     assert key["sparsifier"] == {"name": "top_per_row", "top_per_row": 16}
     assert key["model"]["name"] == cfg.model.name and str(triples_file) in manifest["inputs"]
     assert manifest["seed"] == 0 and "torch" in manifest["versions"] and "sae-lens" in manifest["versions"]
@@ -54,6 +56,24 @@ def test_build_writes_the_map_and_its_manifest(steer_map, steer_config, tiny_sae
     assert (smap.cmap.m_in, smap.cmap.m_out) == (128, 128) and 0 < smap.cmap.nnz <= 128 * 16
     assert int(smap.cmap.indptr.diff().max()) <= 16
     assert_close(smap.cmap.dense(), independent_map(cfg, rows), rtol=1e-5, atol=1e-7)
+
+
+def test_the_map_folder_holds_its_saes_and_loads_wherever_it_is_copied(steer_map, tiny_saes, tmp_path):
+    import shutil
+
+    from sparserm.manifest import folder_hash
+
+    for side, src in zip(("input", "output"), tiny_saes):  # the SAEs the map was built from, in its folder
+        assert folder_hash(steer_map / "saes" / side) == folder_hash(src)
+    moved = shutil.copytree(steer_map, tmp_path / "elsewhere")
+    smap = load_map(moved)
+    assert Path(smap.input.folder) == (moved / "saes" / "input").resolve() and smap.folder == moved
+    assert Path(smap.output.folder) == (moved / "saes" / "output").resolve()
+    assert torch.equal(smap.cmap.dense(), load_map(steer_map).cmap.dense())
+    cfg_file = moved / "saes" / "output" / "cfg.json"  # a copy (copytree copies): the built map is untouched
+    cfg_file.write_text(cfg_file.read_text().replace("{", '{"edited": 1, ', 1))
+    with pytest.raises(StaleArtifactError, match="output"):
+        load_map(moved)
 
 
 def test_rerun_reuses_the_map_and_a_changed_setting_is_refused_naming_it(steer_map, steer_config, monkeypatch):
