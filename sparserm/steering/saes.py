@@ -37,21 +37,21 @@ def pass_config(cfg: Config, layers) -> Config:
 
 def trained_saes(cfg: Config, layers, work_dir: str | Path) -> dict[int, dict]:
     """Per layer of ``layers``: ``{"folder", "quality"}`` of the SAE trained (or found cached) from one features
-    pass reading every one of them; quality (fvu, l0, dead share on held-out tokens) is kept in the folder."""
+    pass reading every one of them; quality (fvu, l0, dead share on held-out tokens) is kept in the folder. Tracked
+    as ``rm train``'s SAE is (``sae.stage.tracked_sae``): ``<work_dir>/tensorboard/sae-layer<L>/``."""
     from sparserm.features.stage import run_features
-    from sparserm.sae.stage import eval_tokens, measure, obtain_sae
+    from sparserm.sae.stage import tracked_sae
 
     pcfg = pass_config(cfg, layers)
     cache = run_features(pcfg, Path(work_dir))
     d_model = cache.summary["d_model"]
     out = {}
     for layer in pcfg.model.layers:
-        sae, folder = obtain_sae(pcfg, cache, layer, d_model)
-        quality_file = Path(folder) / "eval.json"
+        _, folder, quality = tracked_sae(pcfg, cache, layer, d_model, Path(work_dir))
+        quality_file = Path(folder) / "eval.json"  # in the folder's content hash (the map's key): written once
         if quality_file.is_file():
             quality = json.loads(quality_file.read_text())
         else:
-            quality = measure(sae, eval_tokens(cache, layer, d_model, cfg.run.seed), cfg.features.outlier_norm_factor)
             write_json(quality_file, quality)
         out[layer] = {"folder": str(folder), "quality": quality}
     return out

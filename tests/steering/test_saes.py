@@ -4,6 +4,7 @@ same pass."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,7 +43,9 @@ def trained(steer_config, triples_file, tmp_path_factory, passes, ray_session):
 
 def test_build_trains_both_saes_from_one_features_pass(trained, passes):
     from sparserm.features.cache import ActivationCache
+    from sparserm.manifest import folder_hash
     from sparserm.sae.stage import trained_sae_dir
+    from sparserm.testing import tensorboard_scalars
     from sparserm.steering.flops import sae_training_flops
     from sparserm.steering.saes import pass_config
 
@@ -55,8 +58,15 @@ def test_build_trains_both_saes_from_one_features_pass(trained, passes):
     assert len(sources) == 1  # both trained from the same activation cache
     cache = ActivationCache(sources.pop())
     assert cache.summary["layers"] == [1, 2]
-    for side in (smap.input, smap.output):  # exactly the folders `rm train` would use for that layer
-        assert side.folder == str(trained_sae_dir(pass_config(cfg, [1, 2]), cache, side.layer).resolve())
+    for side in (smap.input, smap.output):  # exactly the folders `rm train` would use for that layer (in the map)
+        assert folder_hash(side.folder) == folder_hash(trained_sae_dir(pass_config(cfg, [1, 2]), cache, side.layer))
+        assert Path(side.folder) == (out / "saes" / side.side).resolve()
+        # tracked as rm train's SAE is: its training steps, then its held-out quality (the folder's eval.json)
+        tb = tensorboard_scalars(out / "sae_pass" / "tensorboard" / f"sae-layer{side.layer}")
+        quality = json.loads((Path(side.folder) / "eval.json").read_text())
+        assert {k: np.float32(v) for k, v in quality.items() if isinstance(v, float)} == {
+            k[len("eval/"):]: v[-1][1] for k, v in tb.items() if k.startswith("eval/") and
+            isinstance(quality.get(k[len("eval/"):]), float)} and len(tb["losses/overall_loss"]) == 100
         meta = json.loads((Path(side.folder) / "sparserm_sae.json").read_text())
         assert meta["layer"] == side.layer and meta["source"] == "train"
         # what `steer evaluate` counts for it: fwd + bwd (3x) of encode and decode (2 d m each) a training token
