@@ -19,7 +19,7 @@ import hashlib
 import os
 from pathlib import Path
 
-__all__ = ["is_uri", "portable", "base_name", "local_dir", "pull", "push", "fetched", "shard_home", "upload", "train_storage", "sync_down"]
+__all__ = ["is_uri", "portable", "base_name", "local_dir", "pull", "push", "fetched", "shard_home", "place_of", "upload", "train_storage", "sync_down"]
 
 _MIRRORS: dict[str, str] = {}  # this process's mirrors: local folder -> the URI it stands for
 
@@ -151,6 +151,13 @@ def shard_home(home: str | os.PathLike, folder: Path) -> tuple[str, str] | None:
     if not is_uri(home):
         return None
     return str(home), Path(folder).relative_to(local_dir(home)).as_posix()
+
+
+def place_of(folder: Path) -> tuple[str, str] | None:
+    """:func:`shard_home` of ``folder`` when it is inside a URI's mirror made in this process (None otherwise): for
+    a worker that writes into ``folder`` on whatever node it runs."""
+    home = _home_of(folder)
+    return None if home is None else shard_home(home, folder)
 
 
 def upload(place: tuple[str, str], path: Path) -> None:

@@ -48,12 +48,15 @@ def tracking_spec(tracking, log_dir: str | Path, stage: str, params: Mapping[str
     """What a process needs to open a :class:`Tracker` on ``tracking`` (a ``TrackingConfig``; None: tracking off):
     the backends' settings, the absolute event folder ``log_dir``, the stage's name and the params an MLflow run
     records (e.g. the run's fingerprint)."""
+    from sparserm.storage import place_of
+
     if tracking is None:
         return None
     uri = tracking.mlflow_uri
     return {"config": {"tensorboard": tracking.tensorboard, "mlflow_uri": uri and mlflow_store(uri),
                        "mlflow_experiment": tracking.mlflow_experiment},
-            "dir": str(Path(log_dir).resolve()), "stage": stage, "params": {"stage": stage, **(params or {})}}
+            "dir": str(Path(log_dir).resolve()), "stage": stage, "params": {"stage": stage, **(params or {})},
+            "upload": place_of(Path(log_dir))}  # inside a storage URI's mirror: event files go there from any node
 
 
 def _number(v: Any) -> bool:
@@ -128,6 +131,7 @@ class TensorBoard:
         from tensorboardX import SummaryWriter
 
         self.writer = SummaryWriter(logdir=spec["dir"], purge_step=first_step)
+        self.dir, self.place = Path(spec["dir"]), spec.get("upload")
 
     def log(self, points: list[tuple[int, dict]]) -> None:
         for step, metrics in points:
@@ -136,7 +140,14 @@ class TensorBoard:
         self.writer.flush()
 
     def close(self) -> None:
+        """Closes the event file; a run on a storage URI gets this folder's event files uploaded there (the node
+        that logged may not be the driver's, whose push of the output folder would miss them)."""
         self.writer.close()
+        if self.place is not None:
+            from sparserm.storage import upload
+
+            for path in sorted(self.dir.glob("events.out.tfevents.*")):
+                upload(self.place, path)
 
 
 @backend("mlflow")

@@ -103,6 +103,26 @@ def test_a_steering_map_on_s3_loads_on_a_node_that_never_saw_it_or_its_saes(s3, 
     assert replica.model_name == "steer" and replica.gen.map.key == remote.key
 
 
+def test_event_files_a_worker_logs_into_a_runs_mirror_go_to_the_uri_from_its_own_node(s3, node):
+    from sparserm.config import TrackingConfig
+    from sparserm.testing import tensorboard_scalars
+    from sparserm.tracking import Tracker, tracking_spec
+
+    node("driver")
+    home = s3("runs/tracked")
+    spec = tracking_spec(TrackingConfig(), storage.local_dir(home) / "train" / "head" / "tensorboard", "test")
+    assert spec["upload"] == (home, "train/head/tensorboard")
+    node("worker")  # rank 0 on another node: it logs into the path it was given, on its own disk
+    with Tracker(spec) as tracker:
+        tracker.log({"loss": 0.5}, 1)
+        tracker.log({"loss": 0.25}, 2)
+    assert any("/train/head/tensorboard/events.out.tfevents." in p for p in _remote_files(s3("runs/tracked")))
+    node("reader")  # neither the driver's push nor the worker's disk: the URI alone
+    assert tensorboard_scalars(storage.fetched(home) / "train" / "head" / "tensorboard")["loss"] == [(1, 0.5),
+                                                                                                    (2, 0.25)]
+    assert tracking_spec(TrackingConfig(), "/tmp/plain/tensorboard", "test")["upload"] is None
+
+
 def _pairs_file(path, n=40):
     rows = [{"prompt": f"Question {i}: how do I bake bread?", "chosen": f"Mix flour and water, step {i}.",
              "rejected": "I won't help with that." + " no" * (i % 3)} for i in range(n)]
