@@ -30,8 +30,10 @@ def run_align(cfg, out: Path, stop_after: tuple[int, str] | None = None) -> dict
     ensure_ray(cfg.run.ray_address)
     rm_dir = cfg.align.rm_dir or own_reward_model(cfg, Path(out) / "reward_model")
     out.mkdir(parents=True, exist_ok=True)
+    job = AlignJob(cfg, out, rm_dir, stop_after=stop_after)
+    job.check_finished()  # a setting that finished rounds were not made with: refused before anything is written
     write_manifest(out, cfg, "align", extra={"rm_dir": rm_dir})
-    result = AlignJob(cfg, out, rm_dir, stop_after=stop_after).run()
+    result = job.run()
     if not result["stopped"]:
         timings = {**result.get("timings", {}), "this_invocation": round(time.time() - t0, 1)}
         report = write_report(out, result["rows"], timings, result["per_item"])

@@ -283,7 +283,21 @@ class AlignJob:
                 self.actors.close()
                 self.actors = None
 
+    def _prev(self, r: int, filt: str) -> str | None:
+        return str(self.out / filt / f"round_{r - 1}" / "adapter") if r > 1 else None
+
+    def check_finished(self) -> None:
+        """Every finished round's stored pairs and adapter against the current settings, before any work: a changed
+        generation or training setting is refused (naming it) with nothing evaluated again or overwritten."""
+        for r in range(1, self.a.rounds + 1):
+            for filt in self.a.filters:
+                folder = self.out / filt / f"round_{r}"
+                if (folder / "metrics.json").is_file():
+                    self.check_candidates(r, self._prev(r, filt), self.out / "round_1" if r == 1 else folder)
+                    self.train(r, filt, folder, read_jsonl(folder / "pairs.jsonl"), self._prev(r, filt))
+
     def _run(self) -> dict:
+        self.check_finished()
         round0 = {"round": 0, **self.round_eval(None, self.out / "round_0", "base/0")}
         log("round 0 (base policy): " + json.dumps(round0))
         rows = {f: [dict(round0, filter=f)] for f in self.a.filters}
@@ -291,10 +305,8 @@ class AlignJob:
             for filt in self.a.filters:
                 done = self.out / filt / f"round_{r}" / "metrics.json"
                 adapter = self.out / filt / f"round_{r}" / "adapter"
-                prev = str(self.out / filt / f"round_{r - 1}" / "adapter") if r > 1 else None
-                if done.is_file():  # a finished round: every step's key must still hold
-                    self.check_candidates(r, prev, self.out / "round_1" if r == 1 else done.parent)
-                    self.train(r, filt, done.parent, read_jsonl(done.parent / "pairs.jsonl"), prev)
+                prev = self._prev(r, filt)
+                if done.is_file():  # a finished round (its keys checked by check_finished): its metrics
                     row = json.loads(done.read_text())
                     metrics = self.round_eval(str(adapter), done.parent, f"{filt}/{r}")  # same key: read back
                     if any(row.get(k) != v for k, v in metrics.items()):

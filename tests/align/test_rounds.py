@@ -81,12 +81,15 @@ def test_job_resumes_in_round_two(job_cfg, ray_session, tmp_path, monkeypatch):
     from sparserm.manifest import StaleArtifactError
 
     hotter = replace(fewer, align=replace(fewer.align, generate=replace(fewer.align.generate, temperature=0.3)))
+    everything = {p: os.stat(p).st_mtime_ns for p in out.rglob("*") if p.is_file()}
     with pytest.raises(StaleArtifactError, match="sampling.temperature"):
         run_align(hotter, out)
     # ... and so is an adapter trained under other training settings, even in a finished round
     faster = replace(fewer, align=replace(fewer.align, train=replace(fewer.align.train, lr=1e-2)))
     with pytest.raises(StaleArtifactError, match="train.lr"):
         run_align(faster, out)
+    # both refused before any work: nothing evaluated again, nothing written (round 0's evaluation included)
+    assert {p: os.stat(p).st_mtime_ns for p in out.rglob("*") if p.is_file()} == everything
     placed = replace(fewer, align=replace(fewer.align, train=replace(fewer.align.train, num_cpus=0.5)))
     assert not run_align(placed, out)["stopped"]  # where a worker runs is no training setting
 
