@@ -19,7 +19,8 @@ import hashlib
 import os
 from pathlib import Path
 
-__all__ = ["is_uri", "portable", "base_name", "local_dir", "pull", "push", "fetched", "shard_home", "place_of", "upload", "train_storage", "sync_down"]
+__all__ = ["is_uri", "portable", "base_name", "local_dir", "pull", "push", "fetched", "shard_home", "place_of", "upload",
+           "train_storage", "sync_down"]
 
 _MIRRORS: dict[str, str] = {}  # this process's mirrors: local folder -> the URI it stands for
 

@@ -96,11 +96,11 @@ def test_a_steering_map_on_s3_loads_on_a_node_that_never_saw_it_or_its_saes(s3, 
     assert remote.folder == storage.local_dir(home) and remote.folder.parent.parent == node("server")
     assert remote.input.folder.startswith(str(remote.folder.resolve())) and remote.key == load_map(steer_map).key
     assert torch.equal(remote.cmap.dense(), load_map(steer_map).cmap.dense())
-    from sparserm.serve.config import ServeConfig
-    from sparserm.serve.steer_app import SteerServer
+    from sparserm.steering.generate import SteeredGenerator
 
-    replica = SteerServer(home, ServeConfig())  # what each replica of `sparserm serve steer s3://...` makes
-    assert replica.model_name == "steer" and replica.gen.map.key == remote.key
+    gen = SteeredGenerator.load(home)  # what each replica of `sparserm serve steer s3://...` loads, and its name
+    assert gen.map.key == remote.key and gen.hook.output_sae.d_sae == remote.output.d_sae
+    assert storage.base_name(home) == "steer"
 
 
 def test_event_files_a_worker_logs_into_a_runs_mirror_go_to_the_uri_from_its_own_node(s3, node):

@@ -30,7 +30,7 @@ class LatentFrequencies:
         return self.count_l / max(self.n_l, 1)
 
 
-def latent_frequencies(pooled: PooledTable, sae, split: str = "train", batch_size: int = 4096,
+def latent_frequencies(pooled: PooledTable, sae, split: str = "train", batch_size: int = 1024,
                        where: str = "the activation cache") -> LatentFrequencies:
     """For each SAE latent, on how many chosen and how many rejected texts of ``split`` it is active (> 0)."""
     keep = pooled.meta["split"] == split

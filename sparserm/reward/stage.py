@@ -28,7 +28,8 @@ def head_job(cfg: Config, rd: RewardData, name: str, *, inputs: str = "topk", lo
                    cfg.run.seed if seed is None else seed)
 
 
-def fit_heads(cfg: Config, jobs: list[HeadJob], out_dir: Path, name: str, progress: bool = True) -> list[TrainHeadResult]:
+def fit_heads(cfg: Config, jobs: list[HeadJob], out_dir: Path, name: str,
+              progress: bool = True) -> list[TrainHeadResult]:
     """``jobs`` in one Ray Train run ``<out_dir>/train/<name>``, with ``cfg.reward``'s settings and resources."""
     r = cfg.reward
     return train_heads(jobs, margin=r.margin, hidden=r.hidden, epochs=r.epochs, lr=r.lr, weight_decay=r.weight_decay,
@@ -37,7 +38,8 @@ def fit_heads(cfg: Config, jobs: list[HeadJob], out_dir: Path, name: str, progre
                        ray_address=cfg.run.ray_address, max_failures=cfg.run.max_failures, tracking=cfg.tracking)
 
 
-def fit_head(cfg: Config, rd: RewardData, out_dir: Path, *, name: str = "head", progress: bool = True) -> TrainHeadResult:
+def fit_head(cfg: Config, rd: RewardData, out_dir: Path, *, name: str = "head",
+             progress: bool = True) -> TrainHeadResult:
     return fit_heads(cfg, [head_job(cfg, rd, name)], out_dir, name, progress)[0]
 
 

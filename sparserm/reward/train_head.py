@@ -28,7 +28,7 @@ Early stopping (``patience`` > 0, ``reward.patience``): a job stops once its bes
 ``stopped_early_at``. ``patience`` is not in the fingerprint (like ``epochs``: when to stop, not what an epoch
 computes). Tracking (``tracking``, ``sparserm.tracking``): rank 0 logs each step's loss (``step/loss``) and each
 epoch's row (``epoch/<key>``, at the epoch's last step) at global steps into ``<storage_dir>/<name>/tensorboard/``
-(a job of several: ``.../tensorboard/<job>``; and MLflow when configured); a resumed run logs only what it trains.
+(a run of several jobs: ``.../tensorboard/<job>``; and MLflow when configured); a resumed run logs only what it trains.
 """
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ from sparserm.tracking import Tracker, tracking_spec
 from sparserm.train_state import (OPTIMIZER_DIR, EarlyStopping, all_reduced, epoch_order, rank_placements,
                                   refuse_other_run, report_epoch, resumed_checkpoint)
 
-__all__ = ["TrainHeadResult", "HeadJob", "train_head", "train_heads", "ensure_ray", "fit_polling", "failure_config", "run_config", "final_checkpoint"]
+__all__ = ["TrainHeadResult", "HeadJob", "train_head", "train_heads", "ensure_ray", "fit_polling", "failure_config",
+           "run_config", "final_checkpoint"]
 
 
 @dataclass

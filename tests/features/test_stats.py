@@ -27,7 +27,7 @@ def test_counts_each_sides_active_texts_of_the_split_only_whatever_the_batch(sae
     for side in ("chosen", "rejected"):
         rows = train & (pooled.meta["side"] == side)
         assert rows.sum() > 0 and (~train & (pooled.meta["side"] == side)).sum() > 0  # both splits hold texts
-    for batch_size in (7, 4096):
+    for batch_size in (7, 1024):
         f = latent_frequencies(pooled, sae, split="train", batch_size=batch_size)
         np.testing.assert_array_equal(f.count_w, active[train & (pooled.meta["side"] == "chosen")].sum(0))
         np.testing.assert_array_equal(f.count_l, active[train & (pooled.meta["side"] == "rejected")].sum(0))
