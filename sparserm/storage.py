@@ -41,7 +41,8 @@ def base_name(target: str | os.PathLike) -> str:
     """The last part of ``target``'s path (of a URI: without its ``?query``), e.g. a served model's name."""
     from urllib.parse import urlparse
 
-    return Path(urlparse(str(target)).path).name if is_uri(target) else Path(local_dir(target)).resolve().name
+    where = portable(target)
+    return Path(urlparse(where).path if is_uri(where) else where).name
 
 
 def _filesystem(uri: str):

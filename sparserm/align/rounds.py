@@ -275,7 +275,8 @@ class AlignJob:
 
     # ------------------------------------------------------------ the job
     def run(self) -> dict:
-        """Every round of every filter; the actors are released on the way out, also on an error."""
+        """Every round of every filter (call :meth:`check_finished` first, as ``run_align`` does, before writing
+        anything); the actors are released on the way out, also on an error."""
         try:
             return self._run()
         finally:
@@ -296,8 +297,7 @@ class AlignJob:
                     self.check_candidates(r, self._prev(r, filt), self.out / "round_1" if r == 1 else folder)
                     self.train(r, filt, folder, read_jsonl(folder / "pairs.jsonl"), self._prev(r, filt))
 
-    def _run(self) -> dict:
-        self.check_finished()
+    def _run(self) -> dict:  # finished rounds' keys: checked by check_finished, which run_align calls first
         round0 = {"round": 0, **self.round_eval(None, self.out / "round_0", "base/0")}
         log("round 0 (base policy): " + json.dumps(round0))
         rows = {f: [dict(round0, filter=f)] for f in self.a.filters}

@@ -38,12 +38,10 @@ def latent_frequencies(pooled: PooledTable, sae, split: str = "train", batch_siz
         raise ValueError(f"no {split}-split texts in {where}")
     sides = pooled.meta["side"][keep]
     states = pooled.states[torch.as_tensor(keep)]
-    counts = {"chosen": 0, "rejected": 0}
+    counts = {name: np.zeros(sae.d_sae, dtype=np.int64) for name in ("chosen", "rejected")}
     for start in range(0, len(states), batch_size):
         active = (sae.encode(states[start:start + batch_size]) > 0).cpu().numpy()
         side = sides[start:start + batch_size]
         for name in counts:
-            counts[name] = counts[name] + active[side == name].sum(0, dtype=np.int64)
-    count_w, count_l = (np.broadcast_to(np.asarray(counts[s], dtype=np.int64), (sae.d_sae,)).copy()
-                        for s in ("chosen", "rejected"))
-    return LatentFrequencies(count_w, count_l, int((sides == "chosen").sum()), int((sides == "rejected").sum()))
+            counts[name] += active[side == name].sum(0, dtype=np.int64)
+    return LatentFrequencies(counts["chosen"], counts["rejected"], int((sides == "chosen").sum()), int((sides == "rejected").sum()))

@@ -286,10 +286,10 @@ def train_head(train: dict, val: dict, *, loss: str = "margin", seed: int = 0, n
     return train_heads([HeadJob(name, train, val, loss, seed)], name=name, **kwargs)[0]
 
 
-def _job_fingerprint(job: HeadJob, x_w, x_l, v_w, v_l, settings: dict) -> dict:
+def _job_fingerprint(job: HeadJob, x_w, x_l, n_val: int, settings: dict) -> dict:
     return {"in_dim": int(x_w.shape[1]), "hidden": settings["hidden"], "loss": job.loss, "margin": settings["margin"],
             "lr": settings["lr"], "weight_decay": settings["weight_decay"], "batch_size": settings["batch_size"],
-            "seed": job.seed, "n_train": int(x_w.shape[0]), "n_val": int(v_w.shape[0]),
+            "seed": job.seed, "n_train": int(x_w.shape[0]), "n_val": int(n_val),
             "data_sum": float(f"{(x_w.double().sum() - 2 * x_l.double().sum()).item():.6g}")}
 
 
@@ -343,7 +343,7 @@ def train_heads(jobs: list[HeadJob], *, margin: float = 1.0, hidden: int = 512, 
         if v_w.shape[1] != x_w.shape[1]:
             raise ValueError(f"{job.name}: train has {x_w.shape[1]} input columns, val has {v_w.shape[1]}")
         stats = RewardHead(x_w.shape[1], 1).fit_standardization(torch.cat([x_w, x_l]))
-        fingerprints.append(_job_fingerprint(job, x_w, x_l, v_w, v_l, settings))
+        fingerprints.append(_job_fingerprint(job, x_w, x_l, v_w.shape[0], settings))
         log_dir = Path(storage_dir, name, "tensorboard", *([job.name] if len(jobs) > 1 else []))
         specs.append({"name": job.name, "loss": job.loss, "seed": int(job.seed), "in_dim": int(x_w.shape[1]),
                       "x_mean": stats.x_mean.tolist(), "x_std": stats.x_std.tolist(),

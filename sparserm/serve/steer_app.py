@@ -212,7 +212,8 @@ def build_steer_app(map_dir: str | Path, cfg: ServeConfig | None = None, *, toke
 
     cfg = validate_serve(cfg or ServeConfig())
     map_dir = portable(map_dir)  # a URI: each replica pulls it (the map folder holds its SAEs)
-    if not ((fetched(map_dir) / MANIFEST).is_file() and (fetched(map_dir) / MAP_FILE).is_file()):
+    here = fetched(map_dir)
+    if not ((here / MANIFEST).is_file() and (here / MAP_FILE).is_file()):
         raise FileNotFoundError(f"{map_dir} is not a steering-map folder (no {MANIFEST} and {MAP_FILE}); build one "
                                 "with `sparserm steer build`")
     digest = token_digest(token, cfg.auth_env)
