@@ -15,7 +15,7 @@ from sparserm.serve.chat_schema import (AssistantMessage, ChatCompletion, ChatCo
                                         ChunkChoice, Delta, SteeringReport, Usage)
 
 DONE = "data: [DONE]\n\n"
-_COUNTS = ("edited_tokens", "edited_latents", "latent_edits")
+_COUNTS = {"edited_tokens": 0, "edited_latents": 0, "edited_latent_ids": [], "latent_edits": 0}
 
 
 def finish_reason(job: ChatJob, c: int, out) -> str:
@@ -29,11 +29,13 @@ def usage(job: ChatJob, outs: list) -> Usage:
 
 def steering_report(job: ChatJob, outs: list) -> SteeringReport:
     s = job.settings
-    edits = [ChoiceEdits(index=c, **{k: (o.steering or {}).get(k, 0) for k in _COUNTS}) for c, o in enumerate(outs)]
+    edits = [ChoiceEdits(index=c, **{k: (o.steering or {}).get(k, v) for k, v in _COUNTS.items()})
+             for c, o in enumerate(outs)]
     latents = next((o.steering["latents"] for o in outs if o.steering), [])
+    edited = sorted(set().union(*(e.edited_latent_ids for e in edits)))  # the response's: every choice's together
     return SteeringReport(enabled=s.enabled, alpha=s.alpha, mode=s.mode, k_prompt=s.k_prompt, k_diff=s.k_diff,
                           latents=latents, edited_tokens=sum(e.edited_tokens for e in edits),
-                          edited_latents=max((e.edited_latents for e in edits), default=0),
+                          edited_latents=len(edited), edited_latent_ids=edited,
                           latent_edits=sum(e.latent_edits for e in edits), choices=edits)
 
 

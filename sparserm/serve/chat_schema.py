@@ -82,6 +82,7 @@ class ChoiceEdits(BaseModel):
     index: int
     edited_tokens: int = Field(description="token positions of this choice whose residual the edit changed")
     edited_latents: int = Field(description="distinct output-SAE latents the edit changed in this choice")
+    edited_latent_ids: list[int] = Field(default_factory=list, description="those latents, ascending")
     latent_edits: int = Field(description="(position, latent) entries changed in this choice")
 
 
@@ -95,8 +96,9 @@ class SteeringReport(BaseModel):
     k_diff: int
     latents: list[int] = Field(default_factory=list, description="output latents the prompt selected")
     edited_tokens: int = Field(description="edited token positions, all choices together")
-    edited_latents: int = Field(description="distinct latents edited: the most of any one choice (with n=1, its "
-                                            "own); per choice in choices")
+    edited_latents: int = Field(description="distinct latents edited in any choice (the union of the choices' "
+                                            "sets; per choice in choices)")
+    edited_latent_ids: list[int] = Field(default_factory=list, description="those latents, ascending")
     latent_edits: int = Field(description="(position, latent) entries changed, all choices together")
     choices: list[ChoiceEdits] = Field(default_factory=list)
 

@@ -70,11 +70,13 @@ def pack_vectors(vectors: list[SteeringVector | None], device) -> tuple:
 
 def edit_counts(changed: list[tuple[int, torch.Tensor]]) -> dict:
     """One row's forwards' entries (positions edited, the latents changed at them) summed: token positions
-    edited, distinct latents edited, and latent edits in all."""
+    edited, distinct latents edited (and their ids, so that several rows' sets can be joined), and latent edits
+    in all."""
     changed = [c for c in changed if c[0]]
     ids = torch.cat([c[1] for c in changed]) if changed else torch.empty(0, dtype=torch.long)
-    return {"edited_tokens": sum(c[0] for c in changed), "edited_latents": int(ids.unique().numel()),
-            "latent_edits": int(ids.numel())}
+    distinct = ids.unique().tolist()
+    return {"edited_tokens": sum(c[0] for c in changed), "edited_latents": len(distinct),
+            "edited_latent_ids": distinct, "latent_edits": int(ids.numel())}
 
 
 def _hidden(output):

@@ -63,16 +63,17 @@ def test_completion_is_the_generators_output(steer_client, gen):
     assert choice.finish_reason == ("stop" if want.finished else "length")
     assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens > want.n_tokens
     assert out.steering == {"enabled": False, "alpha": 0.2, "mode": "add", "k_prompt": 8, "k_diff": 6, "latents": [],
-                            "edited_tokens": 0, "edited_latents": 0, "latent_edits": 0,
-                            "choices": [{"index": 0, "edited_tokens": 0, "edited_latents": 0, "latent_edits": 0}]}
+                            "edited_tokens": 0, "edited_latents": 0, "edited_latent_ids": [], "latent_edits": 0,
+                            "choices": [{"index": 0, "edited_tokens": 0, "edited_latents": 0, "edited_latent_ids": [],
+                                         "latent_edits": 0}]}
     for kw, sampling, seed in (({}, gen.sampling(temperature=0.0), 0),
                                (SAMPLED, gen.sampling(temperature=1.0, max_new_tokens=12), SAMPLED["seed"])):
         steered = chat(steer_client, JOKE, steering=STRONG, **kw)
         want = gen.generate([JOKE], [gen.settings(**STRONG)], sampling, seed=seed)[0]
         assert steered.choices[0].message.content == want.text and steered.usage.completion_tokens == want.n_tokens
         assert steered.steering["latents"] == want.steering["latents"]
-        assert {k: steered.steering[k] for k in ("edited_tokens", "edited_latents", "latent_edits")} == {
-            k: want.steering[k] for k in ("edited_tokens", "edited_latents", "latent_edits")}
+        counts = ("edited_tokens", "edited_latents", "edited_latent_ids", "latent_edits")
+        assert {k: steered.steering[k] for k in counts} == {k: want.steering[k] for k in counts}
 
 
 def test_alpha_zero_is_the_unsteered_text_and_steering_changes_it(steer_client):
@@ -141,7 +142,12 @@ def test_choices_and_seeds(steer_client):
     assert [c.index for c in a.choices] == [0, 1, 2] and texts == [c.message.content for c in b.choices]
     assert len(set(texts)) > 1  # sampled choices differ; the seed repeats them
     assert [e["index"] for e in a.steering["choices"]] == [0, 1, 2]
-    assert a.steering["edited_tokens"] == sum(e["edited_tokens"] for e in a.steering["choices"])
+    per_choice = a.steering["choices"]
+    assert a.steering["edited_tokens"] == sum(e["edited_tokens"] for e in per_choice)
+    union = sorted(set().union(*(e["edited_latent_ids"] for e in per_choice)))  # the response's latents: all choices'
+    assert all(e["edited_latents"] == len(e["edited_latent_ids"]) for e in per_choice)
+    assert a.steering["edited_latent_ids"] == union and a.steering["edited_latents"] == len(union) > 0
+    assert set(union) <= set(a.steering["latents"])
     assert a.usage.completion_tokens <= 3 * 8
     _, streamed = stream(steer_client, **kw)
     assert streamed == dict(enumerate(texts))
