@@ -23,6 +23,7 @@ def actor_pass(items: list[dict], actor_cls: type, constructor_kwargs: dict, *, 
     result every time (tests/features/test_extract_faults.py kills one mid-pass)."""
     import ray.data
 
+    own_progress_only()
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     return ds.map_batches(
         actor_cls,
@@ -35,14 +36,26 @@ def actor_pass(items: list[dict], actor_cls: type, constructor_kwargs: dict, *, 
     )
 
 
-def collect_sorted(ds, key: str, total: int, label: str, progress: bool = True) -> Any:
-    """The pyarrow blocks of ``ds`` as one table sorted by column ``key``, printing ``label done/total`` per block."""
-    import pyarrow as pa
+def own_progress_only() -> None:
+    """Ray Data's own progress output off in this process (its bars on a terminal; elsewhere, as in a job's log, a
+    block of status lines every few seconds): a stage shows its one bar of the rows it has, not Ray's operators."""
+    import logging
 
-    tables, done = [], 0
-    for t in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        tables.append(t)
-        done += len(t)
-        if progress:
-            print(f"{label} {done}/{total}", flush=True)
+    import ray.data
+
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # its "progress bars disabled" line
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def collect_sorted(ds, key: str, total: int, label: str, progress: bool = True, unit: str = "row") -> Any:
+    """The pyarrow blocks of ``ds`` as one table sorted by column ``key``, with one progress bar ``label`` of the
+    rows collected, counted in ``unit`` (stderr)."""
+    import pyarrow as pa
+    from tqdm.auto import tqdm
+
+    tables = []
+    with tqdm(total=total, desc=label, unit=unit, disable=not progress) as bar:
+        for t in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            tables.append(t)
+            bar.update(len(t))
     return pa.concat_tables(tables).sort_by(key)

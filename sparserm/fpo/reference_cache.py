@@ -174,7 +174,7 @@ def _run_pass(cfg: Config, pairs: list[dict], key: dict, adapter: str | None, sa
                                            "max_tokens": key["max_tokens"], "dtype": key["dtype"],
                                            "use_gpu": rc.num_gpus > 0},
                     blocks=len(forward_batches(len(items), rc.batch_size)), resources=rc)  # one block, one forward
-    return collect_sorted(ds, "pair", len(items), "[reference-cache] pairs", progress)
+    return collect_sorted(ds, "pair", len(items), "fpo: reference cache", progress, unit="pair")
 
 
 @dataclass

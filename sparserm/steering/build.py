@@ -118,7 +118,7 @@ def density_pass(cfg: Config, triples: list[dict], sides: list[SAESide] | tuple[
                                          "sides": [asdict(side) for side in sides],
                                          "max_batch_tokens": cfg.features.max_batch_tokens, "use_gpu": s.num_gpus > 0},
                     blocks=math.ceil(len(items) / s.batch_size), resources=s)
-    table = collect_sorted(ds, "triple", len(items), "[steer] density pass: triples", progress)
+    table = collect_sorted(ds, "triple", len(items), "steer: density pass", progress, unit="triple")
     if table.column("triple").to_pylist() != list(range(len(items))):
         raise RuntimeError(f"steer build: the pass returned {table.num_rows} rows for {len(items)} triples")
     everyone = list(range(len(items)))
