@@ -14,8 +14,9 @@ Pairs: the first ``steps x batch-size`` (or ``--pairs``) valid HH-RLHF harmless 
 ``../shared/data`` (synthetic pairs when the file is absent), written once and read by every run. One line is
 printed per run; the last line is one JSON object: ``fpo_vs_dpo_peak_memory``, ``fpo_vs_tdpo_peak_memory``,
 ``fpo_vs_simpo_peak_memory``, ``fpo_vs_simpo_step_time`` (full fine-tuning), the same under ``lora_*``,
-``targets`` and ``pass`` (FPO <= 1.05x SimPO's memory, <= 0.85x DPO's, <= 0.83x TDPO-2's, step time <= 1.1x
-SimPO's), each run's raw numbers (with the machine's 1-minute load average before and after it), the CPU and
+``targets``, ``pass`` and ``all_pass`` (full fine-tuning: FPO <= 1.05x SimPO's memory, <= 0.85x DPO's, <= 0.83x
+TDPO-2's, step time <= 1.1x SimPO's; LoRA's ratios against the same bounds under ``lora_pass_informational``:
+with LoRA the reference is no copy of the weights, so there is nothing for the cache to save), each run's raw numbers (with the machine's 1-minute load average before and after it), the CPU and
 torch's thread count. ``--repeats N`` runs every method N times, interleaved, and takes each one's median.
 
 Sizing: the default (embedded model, fp32 on CPU, 6 steps of 4 pairs in one forward each, 192 tokens, 8 runs)
@@ -165,7 +166,7 @@ def summarize(runs: list[dict], use_gpu: bool) -> dict:
     the plain names, LoRA's under ``lora_*``; a ratio whose runs or fields are missing is None, so is its pass."""
     med = medians(runs, use_gpu)
     out: dict = {}
-    passes: dict = {}
+    passes: dict = {"full": {}, "lora": {}}
     for finetune, prefix in (("full", ""), ("lora", "lora_")):
         fpo = med.get((finetune, "fpo"))
         for name, (other, measure, bound) in TARGETS.items():
@@ -174,15 +175,19 @@ def summarize(runs: list[dict], use_gpu: bool) -> dict:
             if fpo is not None and base is not None:
                 value = _ratio(fpo[measure], base[measure])
             out[prefix + name] = value
-            passes[prefix + name] = None if value is None else bool(value <= bound)
+            passes[finetune][prefix + name] = None if value is None else bool(value <= bound)
         for name, (other, measure) in INFO_RATIOS.items():
             base = med.get((finetune, other))
             out[prefix + name] = _ratio(fpo[measure], base[measure]) if fpo and base else None
-    decided = [v for v in passes.values() if v is not None]
+    decided = [v for v in passes["full"].values() if v is not None]
     out["targets"] = {name: {"max": bound, "fpo_against": other, "measure": measure}
                       for name, (other, measure, bound) in TARGETS.items()}
-    out["pass"] = passes
-    out["all_pass"] = bool(decided) and all(decided) and len(decided) == len(passes)
+    # the targets are full fine-tuning's: there DPO's and TDPO-2's reference is a copy of the weights, the memory
+    # the cache saves. With LoRA the reference is the policy with its adapter off (no copy), so FPO's SAE and cache
+    # rows are all it adds to SimPO's or DPO's peak; LoRA's ratios are held to the same bounds for information only
+    out["pass"] = passes["full"]
+    out["all_pass"] = bool(decided) and all(decided) and len(decided) == len(passes["full"])
+    out["lora_pass_informational"] = passes["lora"]
     out["memory_metric"] = "peak_gpu_mb" if use_gpu else "peak_rss_mb_above_baseline"
     out["medians"] = {f"{f}_{m}": v for (f, m), v in med.items()}
     missing = sorted({f for r in runs if r.get("row") is not None for f in MEASURED if f not in r["row"]})
