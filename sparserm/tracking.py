@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import numbers
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -130,7 +131,12 @@ class TensorBoard:
     def __init__(self, spec: dict, first_step: int):
         from tensorboardX import SummaryWriter
 
-        self.writer = SummaryWriter(logdir=spec["dir"], purge_step=first_step)
+        # tensorboardX names a file by the second and the host only: a second writer in the same second (a resumed
+        # process, another worker) would open the same file and wipe the first's events. The nanosecond clock and
+        # the pid keep every writer's file its own, and in the order they were opened: TensorBoard reads a folder's
+        # files in name order, and a step going back (the earlier file read last) would purge the later one's
+        suffix = f".{time.time_ns():020d}.{os.getpid()}"
+        self.writer = SummaryWriter(logdir=spec["dir"], purge_step=first_step, filename_suffix=suffix)
         self.dir, self.place = Path(spec["dir"]), spec.get("upload")
 
     def log(self, points: list[tuple[int, dict]]) -> None:

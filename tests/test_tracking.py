@@ -76,3 +76,23 @@ def test_other_ranks_and_no_spec_log_nothing_and_nothing_logged_leaves_no_files(
         with tracker:
             tracker.log(metrics, step=1)
     assert not (tmp_path / "tb").exists()  # backends open on the first number logged
+
+
+def test_two_writers_in_one_second_keep_their_own_event_files(tmp_path, monkeypatch):
+    """tensorboardX names an event file by the second and the host: a resumed process (or another worker) that
+    opens its writer in the same second must not take the first one's file over and wipe its events."""
+    from types import SimpleNamespace
+
+    import tensorboardX.event_file_writer as event_file_writer
+
+    monkeypatch.setattr(event_file_writer, "time", SimpleNamespace(time=lambda: 1_800_000_000.0))  # one second
+    log_dir = tmp_path / "tensorboard"
+    spec = tracking_spec(TrackingConfig(), log_dir, "test")
+    with Tracker(spec) as first:
+        _epoch(first, 1, [3.0, 2.0, 1.0])
+    with Tracker(spec) as resumed:
+        _epoch(resumed, 2, [0.9, 0.8, 0.7])
+    files = sorted(log_dir.glob("events.out.tfevents.*"))
+    assert len(files) == 2 and files[0].stat().st_mtime_ns <= files[1].stat().st_mtime_ns  # name order = open order
+    losses = [3.0, 2.0, 1.0, 0.9, 0.8, 0.7]
+    assert tensorboard_scalars(log_dir)["step/loss"] == [(i + 1, np.float32(v)) for i, v in enumerate(losses)]
