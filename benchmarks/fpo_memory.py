@@ -16,8 +16,8 @@ printed per run; the last line is one JSON object: ``fpo_vs_dpo_peak_memory``, `
 ``fpo_vs_simpo_peak_memory``, ``fpo_vs_simpo_step_time`` (full fine-tuning), the same under ``lora_*``,
 ``targets``, ``pass`` and ``all_pass`` (full fine-tuning: FPO <= 1.05x SimPO's memory, <= 0.85x DPO's, <= 0.83x
 TDPO-2's, step time <= 1.1x SimPO's; LoRA's ratios against the same bounds under ``lora_pass_informational``:
-with LoRA the reference is no copy of the weights, so there is nothing for the cache to save), each run's raw numbers (with the machine's 1-minute load average before and after it), the CPU and
-torch's thread count. ``--repeats N`` runs every method N times, interleaved, and takes each one's median.
+with LoRA the reference is no copy of the weights, so there is nothing for the cache to save), each run's raw
+numbers (with the machine's 1-minute load average before and after it), the CPU and torch's thread count. ``--repeats N`` runs every method N times, interleaved, and takes each one's median.
 
 Sizing: the default (embedded model, fp32 on CPU, 6 steps of 4 pairs in one forward each, 192 tokens, 8 runs)
 took 2.0-3.0 minutes a run at load ~2 (2026-12-01, full fine-tuning; Ray's start, the model load, FPO's cache
