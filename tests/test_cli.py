@@ -27,3 +27,23 @@ def test_data_check_counts_bad_rows_and_fails_only_on_unreadable_files(tmp_path,
 def test_config_errors_exit_2_naming_the_key(capsys):
     assert main(["features", "reward.nope=1"]) == 2
     assert "reward.nope" in capsys.readouterr().err
+
+
+def test_overrides_go_before_or_after_the_options_as_the_readme_and_gpu_check_write_them(capsys):
+    import pytest
+
+    from sparserm.cli import parse_args
+
+    args = parse_args(["align", "c.yaml", "align.rounds=1", "--output-dir", "out", "align.filters=[rm]", "x.y=2"])
+    assert args.config == "c.yaml" and args.output_dir == "out"
+    assert args.overrides == ["align.rounds=1", "align.filters=[rm]", "x.y=2"]  # in the order typed
+    serve = parse_args(["serve", "rm", "RM", "--host", "0.0.0.0", "serve.num_gpus=0.5"])
+    assert serve.rm_dir == "RM" and serve.host == "0.0.0.0" and serve.overrides == ["serve.num_gpus=0.5"]
+    assert parse_args(["steer", "build", "c.yaml", "--output-dir", "o", "steer.alpha=2"]).overrides == ["steer.alpha=2"]
+    # anything else left over is still an error, naming it
+    with pytest.raises(SystemExit):
+        parse_args(["align", "c.yaml", "--output-dir", "out", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["data", "check", "f.jsonl", "a=1"])  # a command without overrides takes none
+    assert "unrecognized arguments: a=1" in capsys.readouterr().err

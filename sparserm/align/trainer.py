@@ -175,7 +175,9 @@ def _train_loop(c: dict) -> dict:
     from sparserm.align.schedule import warmup_scheduler
     from sparserm.config import ModelConfig, build
     from sparserm.model.backbone import load_causal_lm
+    from sparserm.reward.train_head import quiet_worker_logs
 
+    quiet_worker_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     os.environ.setdefault("LOCAL_RANK", str(ctx.get_local_rank()))  # DeepSpeed reads it
@@ -321,7 +323,9 @@ def _train_loop(c: dict) -> dict:
                 shutil.copytree(Path(keep.name) / "best", folder / "best")
 
         if c["progress"] and rank == 0:
-            print(f"[dpo {c['name']}] epoch {epoch}/{c['epochs']} done: " + json.dumps(row), flush=True)
+            shown = {k: round(row[k], 4) for k in ("loss", "reward_accuracy", "reward_margin", "val_loss",
+                                                    "val_reward_accuracy", "seconds_per_step") if k in row}
+            print(f"[dpo {c['name']}] epoch {epoch}/{c['epochs']} done: " + json.dumps(shown), flush=True)
         report_epoch(epoch, row, {"history": history, "fingerprint": c["fingerprint"],
                                   **({"best_epoch": stopper.best_epoch} if t.patience else {})},
                      rank=rank, write=write, every_rank=True)

@@ -66,11 +66,13 @@ class TrainHeadResult:
 
 
 def ensure_ray(address: str | None = None) -> None:
-    """Start (or join) Ray once per process."""
+    """Start (or join) Ray once per process. A local instance gets its dashboard where it can start one: Ray
+    Train's placement-group cleaner asks the State API (the dashboard's) whether the run's controller lives, and
+    without one it prints a warning every few seconds for the whole run."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False)
+        ray.init(address=address, include_dashboard=None)
 
 
 # Ray Train retries a worker group it cannot place (60 s each, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S) without
@@ -88,14 +90,30 @@ def failure_config(max_failures: int):
 
 def run_config(storage_dir: Path, name: str, max_failures: int):
     """Ray Train's ``RunConfig`` of a run kept in ``storage_dir/name`` (a folder inside a storage URI's mirror:
-    on that URI, so workers on any node write their checkpoints there), one checkpoint kept."""
-    from ray.train import CheckpointConfig, RunConfig
+    on that URI, so workers on any node write their checkpoints there), one checkpoint kept. Ray Train's own
+    INFO lines (placement requests, worker group starts, every checkpoint and report) stay in its log files in
+    the Ray session folder; warnings and errors still reach the console beside the run's progress lines."""
+    from ray.train import CheckpointConfig, LoggingConfig, RunConfig
 
     from sparserm.storage import train_storage
 
     path, fs = train_storage(Path(storage_dir))
+    # the print patch logs each worker print again through Ray Train's logger: every progress line came twice
     return RunConfig(storage_path=path, storage_filesystem=fs, name=name, failure_config=failure_config(max_failures),
-                     checkpoint_config=CheckpointConfig(num_to_keep=1))
+                     checkpoint_config=CheckpointConfig(num_to_keep=1), logging_config=LoggingConfig("WARNING"),
+                     worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
+
+
+def quiet_worker_logs() -> None:
+    """In a Ray Train worker: Ray's INFO line for every report off the console (its module logs under its file's
+    path, not ``ray.train``, so ``LoggingConfig`` does not reach it; it stays in the worker's log file)."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: its lines stay
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def final_checkpoint(result, storage_dir: Path, name: str, what: str) -> Path:
@@ -247,6 +265,8 @@ def _train_loop(cfg: dict) -> dict:
     the jobs its checkpoint holds as done and continues the one it reported last."""
     import ray.train
     import ray.train.torch
+
+    quiet_worker_logs()
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -58,3 +58,20 @@ def test_the_embedded_shape_is_the_embedded_models(embedded_cache_dir):
     assert (shape.n_layers, shape.d_model, shape.vocab) == (config["num_hidden_layers"], config["hidden_size"],
                                                             config["vocab_size"])
     assert n == shape.params and shape.tied == config.get("tie_word_embeddings", True)
+    assert cost.shape_of(str(folder)) == shape  # a local model folder's shape, counted from its own files
+
+
+def test_a_model_with_no_shape_and_a_folder_that_is_no_run_are_refused_naming_them(tmp_path):
+    with pytest.raises(SystemExit, match="no shape in MODELS"):
+        cost.shape_of("org/unknown-model")
+    (tmp_path / "manifest.json").write_text("{}")
+    with pytest.raises(SystemExit, match=f"--measured {tmp_path}: not a finished `sparserm align` run"):
+        cost.measured_rates(tmp_path)
+
+
+def test_measured_hours_are_each_stages_flops_at_its_phases_rate():
+    rates = {"tflop_per_s": {"generate+label+score": 2.0, "dpo": 4.0, "evaluate": 1.0}}
+    flops = {"generate_prefill": 7.2e15, "generate_decode": 3.6e15, "score": 0.0, "train": 14.4e15,
+             "evaluate": 3.6e15}
+    assert cost.measured_hours(flops, rates) == pytest.approx(
+        {"generate_prefill": 1.0, "generate_decode": 0.5, "score": 0.0, "train": 1.0, "evaluate": 1.0})

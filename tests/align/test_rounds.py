@@ -66,6 +66,27 @@ def test_job_resumes_in_round_two(job_cfg, ray_session, tmp_path, monkeypatch):
     assert all(d["lo"] <= d["diff"] <= d["hi"] for d in diffs)
     assert "paired bootstrap" in (out / "report.md").read_text()
 
+    # the FLOP/s each phase reached (what benchmarks/alignment_cost.py --measured costs a paper setup with), from the
+    # work this run did: 4 DPO runs of 2 epochs over their kept pairs; 5 evaluations of 3 questions, 3 HH pairs and
+    # 4 win-rate prompts; the seconds summed over both invocations
+    from benchmarks.alignment_cost import MC_CHOICES, MC_TOKENS, measured_rates, shape_of
+
+    rates, shape = measured_rates(out), shape_of(job_cfg.model.name)
+    timings = json.loads((out / "timings.json").read_text())
+    assert rates["seconds"] == {k: timings[k] for k in ("generate+label+score", "dpo", "evaluate")}
+    nf, nl, t = shape.forward, shape.truncated(job_cfg.model.layer), 96 + 8
+    kept = sum(len(read_jsonl(p)) for p in out.glob("*/round_*/pairs.jsonl"))
+    assert kept == sum(r["n_kept"] for r in rows["rm"][1:] + rows["none"][1:])
+    assert rates["flops"]["dpo"] == pytest.approx(2 * kept * (2 + 4 * 2) * nf * t)
+    one_eval = 3 * MC_CHOICES * 2 * nf * MC_TOKENS + 3 * 2 * 2 * nf * t + 4 * (2 * nf * t + 2 * nl * t)
+    assert rates["flops"]["evaluate"] == pytest.approx(5 * one_eval)
+    generated = [json.loads(p.read_text()) for p in out.rglob("generation.json")]  # round 1 shared, 2 per filter
+    assert len(generated) == 3 and rates["flops"]["generate+label+score"] > 2 * nf * sum(
+        g["generated_tokens"] for g in generated)
+    assert all(rates["tflop_per_s"][k] == pytest.approx(rates["flops"][k] / timings[k] / 1e12) for k in timings
+               if k in rates["seconds"])
+    assert rates["machine"]["cpu"]["cores"] == os.cpu_count()
+
     # each step's output is keyed by what produced it: an evaluation setting re-evaluates and trains nothing ...
     trained = {p: os.stat(p).st_mtime_ns for p in out.rglob("train.json")}
     eval0 = json.loads((out / "round_0" / "eval.json").read_text())

@@ -1,6 +1,7 @@
 """rm train / ablate / evaluate end to end on the tiny model: real Ray Data pass, real sae-lens SAE,
 real Ray Train head. Checks the artifact, the API and the commands' outputs, not just that they ran."""
 import json
+import os
 import random
 
 import numpy as np
@@ -47,6 +48,9 @@ def test_rm_folder_and_metrics(rm_run):
     assert {"fvu", "fvu_all", "l0", "dead_fraction"} <= set(metrics["sae"])
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["config"]["reward"]["top_k"] == 8 and "torch" in manifest["versions"]
+    assert manifest["machine"]["cpu"]["cores"] == os.cpu_count() and manifest["machine"]["gpus"] == [
+        {"name": torch.cuda.get_device_name(i), "memory_gb": round(torch.cuda.get_device_properties(i).total_memory
+                                                                   / 2**30, 1)} for i in range(torch.cuda.device_count())]
     assert (out / "report.md").is_file() and (out / "embedding.png").stat().st_size > 1000
     latents = json.loads((out / "latents.json").read_text())
     assert len(latents) == 16 and {r["favours"] for r in latents} == {"chosen", "rejected"}

