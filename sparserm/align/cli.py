@@ -24,7 +24,7 @@ def run_align(cfg, out: Path, stop_after: tuple[int, str] | None = None) -> dict
     from sparserm.align.report import write_report
     from sparserm.align.rounds import AlignJob, log, own_reward_model
     from sparserm.manifest import write_manifest
-    from sparserm.reward.train_head import ensure_ray
+    from sparserm.ray_train import ensure_ray
 
     t0 = time.time()
     ensure_ray(cfg.run.ray_address)

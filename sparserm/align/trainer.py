@@ -175,7 +175,7 @@ def _train_loop(c: dict) -> dict:
     from sparserm.align.schedule import warmup_scheduler
     from sparserm.config import ModelConfig, build
     from sparserm.model.backbone import load_causal_lm
-    from sparserm.reward.train_head import quiet_worker_logs
+    from sparserm.ray_train import quiet_worker_logs
 
     quiet_worker_logs()
     ctx = ray.train.get_context()
@@ -348,7 +348,7 @@ def train_dpo(cfg: Config, pairs: list[dict], *, storage_dir: Path, name: str, i
     import ray
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from sparserm.reward.train_head import ensure_ray, final_checkpoint, fit_polling, run_config
+    from sparserm.ray_train import ensure_ray, final_checkpoint, fit_polling, run_config
 
     a = cfg.align
     t = a.train

@@ -265,7 +265,7 @@ def run_fpo_compare(cfg: Config, out: Path) -> dict:
     from sparserm.align.rounds import own_reward_model
     from sparserm.fpo.report import write_report
     from sparserm.manifest import write_manifest
-    from sparserm.reward.train_head import ensure_ray
+    from sparserm.ray_train import ensure_ray
 
     t0 = time.time()
     if getattr(cfg.align.train, "finetune", "lora") != "lora":

@@ -163,7 +163,7 @@ def build_reference_cache(cfg: Config, pairs: list[dict], out_dir: str | Path, *
 def _run_pass(cfg: Config, pairs: list[dict], key: dict, adapter: str | None, sae_dir: str, layer: int,
               progress: bool) -> pa.Table:
     from sparserm.data.ray_dataset import actor_pass, collect_sorted
-    from sparserm.reward.train_head import ensure_ray
+    from sparserm.ray_train import ensure_ray
 
     ensure_ray(cfg.run.ray_address)
     rc = cfg.align.reference_cache

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,13 +43,13 @@ import torch
 from sparserm.align.optimizer_state import load_optimizer_state, save_optimizer_state
 from sparserm.reward.accuracy import pair_accuracy
 from sparserm.reward.head import RewardHead, head_state, load_head, save_head
+from sparserm.ray_train import ensure_ray, final_checkpoint, fit_polling, quiet_worker_logs, run_config
 from sparserm.reward.losses import get_loss
 from sparserm.tracking import Tracker, tracking_spec
 from sparserm.train_state import (OPTIMIZER_DIR, EarlyStopping, all_reduced, epoch_order, rank_placements,
                                   refuse_other_run, report_epoch, resumed_checkpoint)
 
-__all__ = ["TrainHeadResult", "HeadJob", "train_head", "train_heads", "ensure_ray", "fit_polling", "failure_config",
-           "run_config", "final_checkpoint"]
+__all__ = ["TrainHeadResult", "HeadJob", "train_head", "train_heads"]
 
 
 @dataclass
@@ -63,85 +62,6 @@ class TrainHeadResult:
     start_epoch: int = 1  # the first epoch this call trained (> 1 after a resume; epochs + 1: nothing left)
     stopped_early_at: int | None = None  # the epoch early stopping (``patience``) ended the run at
     placements: list[dict] = field(default_factory=list)  # each rank's node_id, gpu_ids, device (rank order)
-
-
-def ensure_ray(address: str | None = None) -> None:
-    """Start (or join) Ray once per process. A local instance gets its dashboard where it can start one: Ray
-    Train's placement-group cleaner asks the State API (the dashboard's) whether the run's controller lives, and
-    without one it prints a warning every few seconds for the whole run."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=None)
-
-
-# Ray Train retries a worker group it cannot place (60 s each, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S) without
-# end by default; after this many tries (~10 min) the run fails, naming the resources it waited for
-PLACEMENT_RETRIES = 10
-
-
-def failure_config(max_failures: int):
-    """Ray Train's ``FailureConfig``: ``max_failures`` worker-group failures (``run.max_failures``; -1: no limit)
-    recovered from the latest checkpoint, and a bounded wait for placement."""
-    from ray.train import FailureConfig
-
-    return FailureConfig(max_failures=max_failures, controller_failure_limit=PLACEMENT_RETRIES)
-
-
-def run_config(storage_dir: Path, name: str, max_failures: int):
-    """Ray Train's ``RunConfig`` of a run kept in ``storage_dir/name`` (a folder inside a storage URI's mirror:
-    on that URI, so workers on any node write their checkpoints there), one checkpoint kept. Ray Train's own
-    INFO lines (placement requests, worker group starts, every checkpoint and report) stay in its log files in
-    the Ray session folder; warnings and errors still reach the console beside the run's progress lines."""
-    from ray.train import CheckpointConfig, LoggingConfig, RunConfig
-
-    from sparserm.storage import train_storage
-
-    path, fs = train_storage(Path(storage_dir))
-    # the print patch logs each worker print again through Ray Train's logger: every progress line came twice
-    return RunConfig(storage_path=path, storage_filesystem=fs, name=name, failure_config=failure_config(max_failures),
-                     checkpoint_config=CheckpointConfig(num_to_keep=1), logging_config=LoggingConfig("WARNING"),
-                     worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
-
-
-def quiet_worker_logs() -> None:
-    """In a Ray Train worker: Ray's INFO line for every report off the console (its module logs under its file's
-    path, not ``ray.train``, so ``LoggingConfig`` does not reach it; it stays in the worker's log file)."""
-    import logging
-
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:  # another Ray layout: its lines stay
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
-
-
-def final_checkpoint(result, storage_dir: Path, name: str, what: str) -> Path:
-    """The local folder of a finished fit's latest checkpoint (brought down from the storage URI first, when the
-    run lives on one); RuntimeError naming the run when no epoch finished."""
-    from sparserm.storage import sync_down
-
-    if result.checkpoint is None:
-        raise RuntimeError(f"{what} {name!r}: no epoch finished, so there is no checkpoint")
-    run_dir = Path(storage_dir) / name
-    sync_down(run_dir)
-    local = run_dir / Path(result.checkpoint.path).name
-    return local if local.is_dir() else Path(result.checkpoint.path)
-
-
-def fit_polling(trainer, poll_interval_s: float):
-    """``trainer.fit()`` with Ray Train's controller polling workers every ``poll_interval_s`` (each
-    ``ray.train.report`` waits for a poll; Ray's 2 s default dominates short epochs), unless
-    ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` is set in the environment. Raises TrainingFailedError."""
-    key = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # read by Ray from the driver's env at fit time
-    preset = key in os.environ
-    if not preset:
-        os.environ[key] = str(poll_interval_s)
-    try:
-        return trainer.fit()
-    finally:
-        if not preset:
-            os.environ.pop(key, None)
 
 
 def _pairs(d: dict, what: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -108,7 +108,7 @@ def density_pass(cfg: Config, triples: list[dict], sides: list[SAESide] | tuple[
     triple) over ``triples``, by one Ray Data pass."""
     from sparserm.data.ray_dataset import actor_pass, collect_sorted
     from sparserm.fpo.reference_cache import SparseRows
-    from sparserm.reward.train_head import ensure_ray
+    from sparserm.ray_train import ensure_ray
 
     ensure_ray(cfg.run.ray_address)
     s = cfg.steer
