@@ -1,5 +1,5 @@
-"""Ray Train run plumbing shared by every training stage (reward head, DPO/FPO, the steering and FPO passes that
-start Ray): starting or joining Ray, the run's ``RunConfig`` (storage, failures, logging), the fit with a polling
+"""Ray Train run plumbing shared by every training stage (reward head, DPO/FPO; ``ensure_ray`` also for the
+features, steering and FPO passes that start Ray): starting or joining Ray, the run's ``RunConfig`` (storage, failures, logging), the fit with a polling
 interval, and the finished run's checkpoint folder."""
 from __future__ import annotations
 
@@ -10,14 +10,16 @@ __all__ = ["ensure_ray", "PLACEMENT_RETRIES", "failure_config", "run_config", "q
            "final_checkpoint", "fit_polling"]
 
 
-def ensure_ray(address: str | None = None) -> None:
-    """Start (or join) Ray once per process. A local instance gets its dashboard where it can start one: Ray
-    Train's placement-group cleaner asks the State API (the dashboard's) whether the run's controller lives, and
-    without one it prints a warning every few seconds for the whole run."""
+def ensure_ray(address: str | None = None, log_to_driver: bool = True) -> None:
+    """Start (or join) Ray once per process; the first caller's ``log_to_driver`` holds for the process (the
+    features stage turns the actors' output off: its one progress bar is the driver's). A local instance gets
+    its dashboard where it can start one: Ray Train's placement-group cleaner asks the State API (the
+    dashboard's) whether the run's controller lives, and without one it prints a warning every few seconds for
+    the whole run."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=None)
+        ray.init(address=address, include_dashboard=None, log_to_driver=log_to_driver)
 
 
 # Ray Train retries a worker group it cannot place (60 s each, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S) without

@@ -37,25 +37,26 @@ def mc_items(questions: list[MCQuestion]) -> list[tuple[str, list[str], int, int
     return out
 
 
-def truthfulqa_mc(policy, questions: list[MCQuestion]) -> dict:
-    """MC1/MC2 as lm-eval computes them (:mod:`sparserm.align.truthfulqa_mc`), through the policy actor;
-    ``per_item`` keeps each question's values for paired intervals between runs."""
-    import ray
-
+def truthfulqa_mc(policy, questions: list[MCQuestion], bar=None) -> dict:
+    """MC1/MC2 as lm-eval computes them (:mod:`sparserm.align.truthfulqa_mc`), through the policy actor in
+    chunks (``bar`` advances by questions done); ``per_item`` keeps each question's values for paired
+    intervals between runs."""
+    from sparserm.align.engines.gather import chunked_call
     from sparserm.align.truthfulqa_mc import scores_from_logprobs
 
     if not questions:
         return {}
-    return scores_from_logprobs(mc_items(questions), ray.get(policy.mc_logprobs.remote(questions)), per_item=True)
+    return scores_from_logprobs(mc_items(questions), chunked_call(policy.mc_logprobs, questions, bar=bar),
+                                per_item=True)
 
 
-def harmless_likelihood(policy, pairs: list[dict], max_tokens: int) -> dict:
-    import ray
+def harmless_likelihood(policy, pairs: list[dict], max_tokens: int, bar=None) -> dict:
+    from sparserm.align.engines.gather import chunked_call
 
     if not pairs:
         return {}
-    results = ray.get(policy.group_logprobs.remote([(p["prompt"], [p["chosen"], p["rejected"]]) for p in pairs],
-                                                   max_tokens))
+    results = chunked_call(policy.group_logprobs, [(p["prompt"], [p["chosen"], p["rejected"]]) for p in pairs],
+                           max_tokens, bar=bar)
     wins = [1.0 if lp[0] / n[0] > lp[1] / n[1] else 0.0 for lp, n in results]
     return {"harmless": sum(wins) / len(wins), "n_harmless": len(wins), "per_item": {"harmless": wins}}
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+from tqdm.auto import tqdm
+
 from sparserm.align.engines.base import Sampling
 from sparserm.align.labellers import LabelContext, PromptItem, get_labeller
 from sparserm.config import AlignConfig
@@ -18,8 +20,10 @@ def labeller_of(a: AlignConfig, task: str):
     return get_labeller(getattr(a.generate.labellers, task))
 
 
-def make_pairs(pool, ctx: LabelContext, items: list[PromptItem], a: AlignConfig, seed: int) -> tuple[list[dict], dict]:
-    """Returns pairs ``{prompt, chosen, rejected, task, label_source, ...}`` and the generation counts."""
+def make_pairs(pool, ctx: LabelContext, items: list[PromptItem], a: AlignConfig, seed: int,
+               label: str = "") -> tuple[list[dict], dict]:
+    """Returns pairs ``{prompt, chosen, rejected, task, label_source, ...}`` and the generation counts; with a
+    ``label``, a progress bar of that name counts the generations done."""
     g = a.generate
     max_chars = 4 * g.max_prompt_tokens  # a cheap cut before tokenizing; engines clip to the token budget
     convs, spans = [], []
@@ -27,7 +31,8 @@ def make_pairs(pool, ctx: LabelContext, items: list[PromptItem], a: AlignConfig,
         c = labeller_of(a, item.task).conversations(item, g.n_samples, max_chars)
         spans.append((len(convs), len(convs) + len(c)))
         convs += c
-    gens = pool.generate(convs, sampling_of(a), seed, g.batch_size)
+    with tqdm(total=len(convs), desc=label, unit="sample", disable=not label) as bar:
+        gens = pool.generate(convs, sampling_of(a), seed, g.batch_size, bar)
     texts = [[gens[i]["text"] for i in range(s, e)] for s, e in spans]
     labelled: list = [None] * len(items)
     for task in dict.fromkeys(i.task for i in items):  # one batched label call per task

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import ray
+from tqdm.auto import tqdm
 
 from sparserm.align.evaluate import harmless_likelihood, truthfulqa_mc, wins
 from sparserm.align.filter import filter_pairs
@@ -136,22 +137,24 @@ class AlignJob:
         return out
 
     # ------------------------------------------------------------ steps
-    def evaluate(self, adapter: str | None, gens_path: Path) -> dict:
-        """Metrics of the policy with ``adapter``; writes its eval generations to ``gens_path``."""
+    def evaluate(self, adapter: str | None, gens_path: Path, name: str) -> dict:
+        """Metrics of the policy with ``adapter``; writes its eval generations to ``gens_path``. One progress
+        bar counts the TruthfulQA questions, HH pairs and win-rate prompts done."""
         t0 = time.time()
         self._set_adapter(adapter)
         act, e, out = self._actors(), self.a.eval, {}
         mc = _first([q for t in self.tasks for q in t.mc], e.mc_questions)
-        per_item: dict[str, list[float]] = {}
-        for part in (truthfulqa_mc(act.policy, mc) if mc else {},
-                     harmless_likelihood(act.policy, _first([p for t in self.tasks if t.task == "harmless"
-                                                             for p in t.eval_pairs], e.hh_pairs), self.max_tokens)):
-            per_item.update(part.pop("per_item", {}))
-            out.update(part)
+        hh = _first([p for t in self.tasks if t.task == "harmless" for p in t.eval_pairs], e.hh_pairs)
         items = self.eval_prompts()
-        if items:
+        per_item: dict[str, list[float]] = {}
+        with tqdm(total=len(mc) + len(hh) + len(items), desc=f"align: evaluate {name}", unit="item") as bar:
+            for part in (truthfulqa_mc(act.policy, mc, bar), harmless_likelihood(act.policy, hh, self.max_tokens, bar)):
+                per_item.update(part.pop("per_item", {}))
+                out.update(part)
             convs = [with_instruction(p, None, 4 * self.a.generate.max_prompt_tokens) for _, p in items]
-            gens = act.pool.generate(convs, sampling_of(self.a), self.cfg.run.seed + 999, self.a.generate.batch_size)
+            gens = act.pool.generate(convs, sampling_of(self.a), self.cfg.run.seed + 999, self.a.generate.batch_size,
+                                     bar) if items else []
+        if items:
             texts = [g["text"] or "(empty)" for g in gens]
             scores = ray.get(act.scorer.score.remote([p for _, p in items], texts))
             write_jsonl(gens_path, [{"task": t, "prompt": p, "response": r, "score": s}
@@ -187,7 +190,7 @@ class AlignJob:
         self._set_adapter(adapter)
         act = self._actors()
         pairs, stats = make_pairs(act.pool, LabelContext(act.scorer, act.judge), items, self.a,
-                                  self.cfg.run.seed * 1000 + r)
+                                  self.cfg.run.seed * 1000 + r, label=f"align: round {r} generate")
         t1 = time.time()
         unscored = [p for p in pairs if "score_chosen" not in p]  # ranked pairs come with their scores
         if unscored:
@@ -238,7 +241,7 @@ class AlignJob:
             log(f"{path}: evaluation settings or inputs changed; evaluating again")
         if stored.get("key") != key:
             stored = {"key": key, "metrics": self.evaluate(
-                adapter, folder / ("generations.jsonl" if adapter is None else "eval_generations.jsonl"))}
+                adapter, folder / ("generations.jsonl" if adapter is None else "eval_generations.jsonl"), name)}
             write_json(path, stored)
         metrics = dict(stored["metrics"])
         self.per_item[name] = metrics.pop("per_item", {})

@@ -70,7 +70,7 @@ def drop_partial_shards(cache: ActivationCache) -> None:
 
 def run_features(cfg: Config, out_dir: Path, data: PreparedData | None = None) -> ActivationCache:
     """Make sure the activation cache for ``cfg`` is complete; write rejects and a data summary in out_dir."""
-    import ray
+    from sparserm.ray_train import ensure_ray
 
     data = data or prepare_data(cfg)
     write_rejects(data.rejects, out_dir / "rejects.jsonl")
@@ -84,8 +84,7 @@ def run_features(cfg: Config, out_dir: Path, data: PreparedData | None = None) -
     from sparserm.sae.checks import preflight
 
     preflight(cfg)  # a registry/local SAE that does not fit model.layer, the model or reward.top_k: said now
-    if not ray.is_initialized():
-        ray.init(address=cfg.run.ray_address, include_dashboard=False, log_to_driver=False)
+    ensure_ray(cfg.run.ray_address, log_to_driver=False)
     from sparserm.features.extract import extract_to_shards
 
     t0 = time.time()

@@ -208,6 +208,14 @@ class FPOCompare:
         return stored
 
     def _measure(self, name: str, adapter: str | None) -> dict:
+        """``_measure_with`` under one progress bar of held-out pairs, prompts and TruthfulQA questions done."""
+        from tqdm.auto import tqdm
+
+        d = self.data
+        with tqdm(total=len(d.heldout) + len(d.prompts) + len(d.mc), desc=f"fpo: evaluate {name}", unit="item") as bar:
+            return self._measure_with(name, adapter, bar)
+
+    def _measure_with(self, name: str, adapter: str | None, bar) -> dict:
         from sparserm.align.evaluate import harmless_likelihood, truthfulqa_mc, wins
         from sparserm.align.pairs import sampling_of
         from sparserm.align.prompts import with_instruction
@@ -217,14 +225,14 @@ class FPOCompare:
         if act.pool.kind != "hf":
             ray.get(act.policy.set_adapter.remote(adapter))
         metrics, per_item = {}, {}
-        acc = harmless_likelihood(act.policy, d.heldout, self.max_tokens)
+        acc = harmless_likelihood(act.policy, d.heldout, self.max_tokens, bar)
         if acc:
             per_item["accuracy"] = acc["per_item"]["harmless"]
             metrics.update(accuracy=acc["harmless"], n_heldout_pairs=acc["n_harmless"])
         if d.prompts:
             convs = [with_instruction(p, None, 4 * a.generate.max_prompt_tokens) for p in d.prompts]
             texts = [g["text"] for g in act.pool.generate(convs, sampling_of(a), self.cfg.run.seed + 999,
-                                                          a.generate.batch_size)]
+                                                          a.generate.batch_size, bar)]
             n_e, n_w = min(f.entropy_prompts, len(texts)), min(f.winrate_prompts, len(texts))
             if n_e:
                 per_item["entropy"] = ray.get(act.policy.response_entropy.remote(
@@ -239,7 +247,7 @@ class FPOCompare:
                 per_item["win_rate"] = wins(scores[:n_w], base[:n_w])
                 metrics.update(win_rate=sum(per_item["win_rate"]) / n_w, n_winrate_prompts=n_w,
                                rm_score_mean=sum(scores[:n_w]) / n_w)
-        mc = truthfulqa_mc(act.policy, d.mc) if d.mc else {}
+        mc = truthfulqa_mc(act.policy, d.mc, bar)
         if mc:
             per_item.update(mc.pop("per_item"))
             metrics.update(mc)

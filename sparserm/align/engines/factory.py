@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import ray
 
+from sparserm.align.engines.gather import gather, spans
 from sparserm.config import Config, ConfigError, to_dict
 from sparserm.train_state import placement_info
 
@@ -71,13 +72,20 @@ class EnginePool:
     def set_adapter(self, path: str | None) -> None:
         ray.get([a.set_adapter.remote(path) for a in self.actors])
 
-    def generate(self, conversations: list[list[dict]], sampling: dict, seed: int, batch_size: int) -> list[dict]:
+    def generate(self, conversations: list[list[dict]], sampling: dict, seed: int, batch_size: int,
+                 bar=None) -> list[dict]:
+        """One response per conversation. Engine i takes the i-th contiguous shard, sent in chunks of at least
+        ``batch_size`` (``gather``: ``bar`` advances per chunk); a chunk starting at request j is seeded
+        ``seed + j``, so every request of the call has its own seed (vLLM seeds per request: its samples do
+        not depend on the chunking or the number of engines)."""
         k = len(self.actors)
         size = -(-len(conversations) // k)
-        # engine i's requests start at index i * size, so every request of the call gets its own seed
-        refs = [a.generate.remote(conversations[i * size:(i + 1) * size], sampling, seed + i * size, batch_size)
-                for i, a in enumerate(self.actors) if conversations[i * size:(i + 1) * size]]
-        return [r for part in ray.get(refs) for r in part]
+        calls = []
+        for i, actor in enumerate(self.actors):
+            shard = conversations[i * size:(i + 1) * size]
+            calls += [(actor.generate.remote(shard[s:e], sampling, seed + i * size + s, batch_size), e - s)
+                      for s, e in spans(len(shard), batch_size)]
+        return [r for part in gather(calls, bar) for r in part]
 
     def sleep(self) -> None:
         """Free the engines' GPU memory while another phase (DPO) uses the GPU; a no-op for transformers."""
