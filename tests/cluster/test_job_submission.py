@@ -76,12 +76,12 @@ JOB_TIMEOUT_S = 300
 
 
 def runtime_env(cache: Path) -> dict:
-    """cluster/runtime_env.yaml as a job here gets it. Its ``pip:`` entry is dropped: this machine has no network
-    for installs, and the cluster's Python (the one ``ray start`` ran from) already has sparserm and its
-    dependencies. ``working_dir: .`` is kept (the repository root, as ``ray job submit`` from the root reads it)
-    and uploaded; the cache variable points at this test's folder instead of /mnt/shared."""
+    """cluster/runtime_env.yaml as a job here gets it, ``pip:`` included: Ray clones the virtualenv the cluster
+    runs from and pip-installs the uploaded working dir into it (once per cluster and pip list, ~25 s here: the
+    dependencies are in the clone already, the build backend comes from the package index). ``working_dir: .``
+    is the repository root, as ``ray job submit`` from the root reads it; the cache variable points at this
+    test's folder instead of /mnt/shared."""
     env = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())
-    env.pop("pip")
     env["working_dir"] = str((ROOT / env["working_dir"]).resolve())
     env["env_vars"] = {**env["env_vars"], "SPARSERM_CACHE": str(cache)}
     return env
@@ -167,3 +167,46 @@ def test_features_job_submitted_to_a_ray_start_cluster_writes_its_run_folder(loc
     x, _ = activations.read_tokens(2, 64, split=None)
     computed = manifest["cache"]["n_computed"]
     assert 0.3 * computed < len(x) < 0.7 * computed  # token_sample_rate 0.5 of the computed tokens
+
+
+PROBE = """
+import json, shutil, sys, sysconfig
+from importlib import metadata
+site = sysconfig.get_paths()["purelib"]
+[dist] = [d for d in metadata.distributions(path=[site]) if d.metadata["Name"] == "sparserm"]
+print("PROBE " + json.dumps({"prefix": sys.prefix, "base_prefix": sys.base_prefix, "site": site,
+                             "direct_url": json.loads(dist.read_text("direct_url.json")),
+                             "files": [str(f) for f in dist.files if str(f).startswith("sparserm/")],
+                             "console_script": shutil.which("sparserm")}))
+"""
+
+
+def test_the_runtime_env_installs_the_uploaded_project_into_the_jobs_own_virtualenv(local_cluster, tmp_path):
+    """The job's Python is a virtualenv Ray made for this runtime env (not the cluster's own, where sparserm is
+    an editable install of this checkout); in its site-packages sparserm is a regular install (not editable)
+    of the uploaded working dir, holding this checkout's modules byte for byte, and its ``sparserm`` command
+    is the one on the job's PATH and runs."""
+    from ray.job_submission import JobStatus
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    pairs = _write_pairs(tmp_path / "pairs.jsonl", 4)
+    client = local_cluster.client()
+    job_id = client.submit_job(entrypoint=f"python {probe} && sparserm data check {pairs}",
+                               runtime_env=runtime_env(tmp_path / "cache"))
+    status, logs = wait_for(client, job_id)
+    assert status == JobStatus.SUCCEEDED, f"job {job_id} ended {status}; its logs:\n{logs}"
+    [line] = [x for x in logs.splitlines() if x.startswith("PROBE ")]
+    got = json.loads(line[len("PROBE "):])
+    env_root = Path(got["prefix"])
+    assert env_root.is_relative_to(local_cluster.temp_dir) and "runtime_resources/pip" in str(env_root)
+    assert Path(got["site"]).is_relative_to(env_root) and env_root != Path(sys.prefix)
+    assert "editable" not in got["direct_url"].get("dir_info", {})  # installed, not linked to a checkout
+    assert "runtime_resources/working_dir_files" in got["direct_url"]["url"]  # from the uploaded copy
+    installed = {f for f in got["files"] if f.endswith(".py")}
+    assert installed == {str(p.relative_to(ROOT)) for p in (ROOT / "sparserm").rglob("*.py")}
+    for rel in ("sparserm/cli.py", "sparserm/ray_train.py"):
+        assert (Path(got["site"]) / rel).read_bytes() == (ROOT / rel).read_bytes()
+    assert Path(got["console_script"]).is_relative_to(env_root)
+    summary, _ = json.JSONDecoder().raw_decode(logs, logs.index("\n{", logs.index(line)) + 1)
+    assert summary["n_pairs"] == 4 and summary["n_rejected"] == 1  # `data check` ran: 4 pairs, the bad line
