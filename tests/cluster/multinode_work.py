@@ -3,7 +3,7 @@ head with two Ray Train workers on the pooled residuals, and one DPO epoch with 
 worker, on the Ray this process has joined (or joins: ``address``). As a script, a driver of its own joined to a
 cluster, writing what ``run_work`` returns to ``<out>/work.json``:
 
-    python multinode_work.py GCS_ADDRESS TINY_MODEL_DIR PAIRS_JSONL OUT_DIR
+    python multinode_work.py GCS_ADDRESS TINY_MODEL_DIR PAIRS_JSONL OUT_DIR [MLFLOW_URI]
 """
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 
 
-def overrides(address: str | None, model_dir: str, pairs: str, out: Path) -> list[str]:
+def overrides(address: str | None, model_dir: str, pairs: str, out: Path, mlflow_uri: str | None = None) -> list[str]:
     return [*([f"run.ray_address={address}"] if address else []), f"run.cache_dir={out / 'cache'}",
+            *([f"tracking.mlflow_uri={mlflow_uri}"] if mlflow_uri else []),
             f"model.name={model_dir}",
             "model.layer=2", "model.max_tokens=32", "model.device=cpu", f"data.sources=[{{path: '{pairs}'}}]",
             "features.num_actors=2", "features.num_cpus=1", "features.batch_size=3",
@@ -24,9 +25,9 @@ def overrides(address: str | None, model_dir: str, pairs: str, out: Path) -> lis
             "align.generate.max_new_tokens=16", "align.generate.max_prompt_tokens=64"]
 
 
-def run_work(address: str | None, model_dir: str, pairs: str, out_dir: str) -> dict:
-    """Where the outputs are, the node ids the work reported, the alive nodes with their resources, and the
-    seconds of each part."""
+def run_work(address: str | None, model_dir: str, pairs: str, out_dir: str, mlflow_uri: str | None = None) -> dict:
+    """Where the outputs are, the node ids the work reported, the DPO epoch's row (its tracker logs it to MLflow
+    at ``mlflow_uri`` too, when given), the alive nodes with their resources, and the seconds of each part."""
     import ray
 
     from sparserm.align.trainer import train_dpo
@@ -35,7 +36,7 @@ def run_work(address: str | None, model_dir: str, pairs: str, out_dir: str) -> d
     from sparserm.reward.train_head import train_head
 
     out = Path(out_dir)
-    cfg = load_config(None, overrides(address, model_dir, pairs, out))
+    cfg = load_config(None, overrides(address, model_dir, pairs, out, mlflow_uri))
     seconds = {"start": time.time()}
     cache = run_features(cfg, out / "features")  # joins the cluster (run.ray_address) unless Ray is up
     seconds["features"] = time.time()
@@ -52,10 +53,11 @@ def run_work(address: str | None, model_dir: str, pairs: str, out_dir: str) -> d
         "cache": str(cache.root), "features_nodes": cache.summary["node_ids"],
         "head": str(head.checkpoint_dir / "best"), "head_nodes": [p["node_id"] for p in head.placements],
         "dpo_adapter": dpo["adapter"], "dpo_nodes": [p["node_id"] for p in dpo["history"][0]["placements"]],
-        "dpo_loss": dpo["history"][0]["loss"],
+        "dpo_loss": dpo["history"][0]["loss"], "dpo_log_dir": str(out / "dpo" / "dpo" / "tensorboard"),
+        "dpo_row": {k: dpo["history"][0][k] for k in ("loss", "reward_accuracy", "global_step", "step_loss")},
         "seconds": {k: round(seconds[k] - seconds[j], 1) for j, k in zip(seconds, list(seconds)[1:])},
         "nodes": {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}}
 
 
 if __name__ == "__main__":
-    Path(sys.argv[4], "work.json").write_text(json.dumps(run_work(*sys.argv[1:5]), indent=1))
+    Path(sys.argv[4], "work.json").write_text(json.dumps(run_work(*sys.argv[1:6]), indent=1))

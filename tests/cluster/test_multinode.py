@@ -5,7 +5,8 @@ DPO epoch with two workers, a CPU each. Meanwhile the same work runs here, on th
 two CPUs (``ray_session``). One CPU a node places one actor or worker on each: the work's own records say so (the
 features' receipts, the head's and DPO's per-rank placements), and what it wrote equals the one-node run's: the
 activation cache exactly, the trained weights within ``ATOL``/``RTOL`` (the same two-rank sums on either; gloo
-carries them between nodes or within one)."""
+carries them between nodes or within one). Both log the DPO epoch to one MLflow server, as a cluster's nodes
+would (a folder store is on one node's disk): each run's logged steps and row are its own."""
 from __future__ import annotations
 
 import json
@@ -18,6 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file
+
+from sparserm.testing import mlflow_metrics
 
 WORK = Path(__file__).with_name("multinode_work.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,14 +35,14 @@ def _write_pairs(path: Path, n: int) -> Path:
     return path
 
 
-def _start_driver(cluster, model_dir: Path, pairs: Path, out: Path) -> subprocess.Popen:
+def _start_driver(cluster, model_dir: Path, pairs: Path, out: Path, mlflow_uri: str) -> subprocess.Popen:
     """``multinode_work.py`` as a driver joined to ``cluster``, started (its output in ``<out>.log``). The actor
     pool starts whole before Ray Data hands out blocks (``RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S``), so neither
     actor takes every block while the other is still loading the model."""
     env = {**cluster.env(), "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "300"}
     with open(out.with_suffix(".log"), "w") as log:
         return subprocess.Popen([sys.executable, str(WORK), cluster.gcs_address, str(model_dir), str(pairs),
-                                 str(out)], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                                 str(out), mlflow_uri], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
 
 def _driver_work(driver: subprocess.Popen, out: Path) -> dict:
@@ -70,15 +73,15 @@ def _assert_weights_close(a: Path, b: Path, name: str) -> None:
 
 
 def test_work_runs_on_both_nodes_and_matches_one_node(ray_cluster, ray_session, nothing_left_holding_cpus,
-                                                       tiny_model_dir, tmp_path):
+                                                       tiny_model_dir, tmp_path, mlflow_server):
     from multinode_work import run_work
 
     pairs, out = _write_pairs(tmp_path / "pairs.jsonl", 12), tmp_path / "two_nodes"
     with ray_cluster(head_cpus=1, node_cpus=1, node_resources={SECOND_NODE: 1}) as cluster:
         t0 = time.time()
-        driver = _start_driver(cluster, tiny_model_dir, pairs, out)
+        driver = _start_driver(cluster, tiny_model_dir, pairs, out, mlflow_server)
         try:  # the one-node run meanwhile, here: the two overlap their waits for processes to start
-            single = run_work(None, str(tiny_model_dir), str(pairs), str(tmp_path / "one_node"))
+            single = run_work(None, str(tiny_model_dir), str(pairs), str(tmp_path / "one_node"), mlflow_server)
         finally:
             multi = _driver_work(driver, out)
     print(f"two nodes {multi['seconds']}, one node {single['seconds']}: {time.time() - t0:.1f} s together")
@@ -105,3 +108,11 @@ def test_work_runs_on_both_nodes_and_matches_one_node(ray_cluster, ray_session, 
     adapter = load_file(str(Path(multi["dpo_adapter"]) / "adapter_model.safetensors"))
     assert max(v.abs().max().item() for k, v in adapter.items() if "lora_B" in k) > 0  # it trained (B starts at 0)
     assert abs(multi["dpo_loss"] - single["dpo_loss"]) < 1e-5
+
+    # the DPO epoch's tracking, on the MLflow server both runs shared (whichever node held rank 0, which logs):
+    # each run's own MLflow run holds its own steps and epoch row, at global steps
+    for run in (multi, single):
+        ml, row = mlflow_metrics(mlflow_server, run["dpo_log_dir"]), run["dpo_row"]
+        assert ml["step/loss"] == [(k + 1, v) for k, v in enumerate(row["step_loss"])] and row["step_loss"]
+        assert ml["epoch/loss"] == [(row["global_step"], row["loss"])]
+        assert ml["epoch/reward_accuracy"] == [(row["global_step"], row["reward_accuracy"])]
