@@ -34,8 +34,11 @@ def test_full_finetuning_moves_every_block_and_resumes(tiny_align_config, ray_se
     assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in unbroken["history"]],
                                                                     rel=1e-5)
     a, b = _weights(resumed["model"]), _weights(unbroken["model"])
+    # every weight of the model trains here, and the CPU kernels of a fresh process (the resumed one) can round an
+    # element differently: one of 2,048 once ended 1.09e-6 apart (CI, 2026-12-03). Adam's first step after its
+    # moments restart is +-lr = 1e-3 for every weight, so a resume that lost them lands far outside this tolerance
     for k in b:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="finetune=full starts from the base"):
         train_dpo(cfg, pairs, storage_dir=tmp_path, name="full2", init_adapter=str(tmp_path), progress=False)
 
