@@ -1,6 +1,6 @@
 """Ray Train run plumbing shared by every training stage (reward head, DPO/FPO; ``ensure_ray`` also for the
-features, steering and FPO passes that start Ray): starting or joining Ray, the run's ``RunConfig`` (storage, failures, logging), the fit with a polling
-interval, and the finished run's checkpoint folder."""
+features, steering and FPO passes that start Ray): starting or joining Ray, the run's ``RunConfig`` (storage,
+failures, logging), the fit with a polling interval, and the finished run's checkpoint folder."""
 from __future__ import annotations
 
 import os

@@ -153,7 +153,7 @@ class AlignJob:
                 out.update(part)
             convs = [with_instruction(p, None, 4 * self.a.generate.max_prompt_tokens) for _, p in items]
             gens = act.pool.generate(convs, sampling_of(self.a), self.cfg.run.seed + 999, self.a.generate.batch_size,
-                                     bar) if items else []
+                                     bar)
         if items:
             texts = [g["text"] or "(empty)" for g in gens]
             scores = ray.get(act.scorer.score.remote([p for _, p in items], texts))

@@ -41,9 +41,9 @@ import numpy as np
 import torch
 
 from sparserm.align.optimizer_state import load_optimizer_state, save_optimizer_state
+from sparserm.ray_train import ensure_ray, final_checkpoint, fit_polling, quiet_worker_logs, run_config
 from sparserm.reward.accuracy import pair_accuracy
 from sparserm.reward.head import RewardHead, head_state, load_head, save_head
-from sparserm.ray_train import ensure_ray, final_checkpoint, fit_polling, quiet_worker_logs, run_config
 from sparserm.reward.losses import get_loss
 from sparserm.tracking import Tracker, tracking_spec
 from sparserm.train_state import (OPTIMIZER_DIR, EarlyStopping, all_reduced, epoch_order, rank_placements,

@@ -5,6 +5,8 @@ and token, and no ``RAY_ADDRESS`` inherited, so neither the test session's ``ray
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -83,9 +85,6 @@ def mlflow_server(tmp_path_factory):
             time.sleep(0.5)
         yield uri
     finally:
-        import os
-        import signal
-
         os.killpg(server.pid, signal.SIGTERM)  # the server and its uvicorn worker
         try:
             server.wait(timeout=10)

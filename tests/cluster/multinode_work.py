@@ -53,7 +53,7 @@ def run_work(address: str | None, model_dir: str, pairs: str, out_dir: str, mlfl
         "cache": str(cache.root), "features_nodes": cache.summary["node_ids"],
         "head": str(head.checkpoint_dir / "best"), "head_nodes": [p["node_id"] for p in head.placements],
         "dpo_adapter": dpo["adapter"], "dpo_nodes": [p["node_id"] for p in dpo["history"][0]["placements"]],
-        "dpo_loss": dpo["history"][0]["loss"], "dpo_log_dir": str(out / "dpo" / "dpo" / "tensorboard"),
+        "dpo_log_dir": str(out / "dpo" / "dpo" / "tensorboard"),
         "dpo_row": {k: dpo["history"][0][k] for k in ("loss", "reward_accuracy", "global_step", "step_loss")},
         "seconds": {k: round(seconds[k] - seconds[j], 1) for j, k in zip(seconds, list(seconds)[1:])},
         "nodes": {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}}

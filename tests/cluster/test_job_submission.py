@@ -174,7 +174,7 @@ import json, shutil, sys, sysconfig
 from importlib import metadata
 site = sysconfig.get_paths()["purelib"]
 [dist] = [d for d in metadata.distributions(path=[site]) if d.metadata["Name"] == "sparserm"]
-print("PROBE " + json.dumps({"prefix": sys.prefix, "base_prefix": sys.base_prefix, "site": site,
+print("PROBE " + json.dumps({"prefix": sys.prefix, "site": site,
                              "direct_url": json.loads(dist.read_text("direct_url.json")),
                              "files": [str(f) for f in dist.files if str(f).startswith("sparserm/")],
                              "console_script": shutil.which("sparserm")}))

@@ -107,7 +107,7 @@ def test_work_runs_on_both_nodes_and_matches_one_node(ray_cluster, ray_session, 
     _assert_weights_close(Path(multi["dpo_adapter"]), Path(single["dpo_adapter"]), "adapter_model.safetensors")
     adapter = load_file(str(Path(multi["dpo_adapter"]) / "adapter_model.safetensors"))
     assert max(v.abs().max().item() for k, v in adapter.items() if "lora_B" in k) > 0  # it trained (B starts at 0)
-    assert abs(multi["dpo_loss"] - single["dpo_loss"]) < 1e-5
+    assert abs(multi["dpo_row"]["loss"] - single["dpo_row"]["loss"]) < 1e-5
 
     # the DPO epoch's tracking, on the MLflow server both runs shared (whichever node held rank 0, which logs):
     # each run's own MLflow run holds its own steps and epoch row, at global steps
