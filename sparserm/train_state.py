@@ -80,11 +80,13 @@ def resumed_checkpoint(fingerprint: Any, what: str):
 
 def epoch_order(n: int, seed: int, epoch: int, rank: int, world: int, multiple: int) -> torch.Tensor:
     """This rank's positions (of ``range(n)``) for ``epoch``: a permutation seeded by (seed, epoch) only, the
-    same on every worker, padded with its own head to a multiple of ``multiple`` (the preference trainer: the
-    global batch, so every worker takes whole steps; the head: the world size, so the shards are equal), then
-    every ``world``-th from ``rank``."""
+    same on every worker, padded by repeating it from its head to a multiple of ``multiple`` (the preference
+    trainer: the global batch, so every worker takes whole steps, even when ``n`` is below one batch; the head:
+    the world size, so the shards are equal), then every ``world``-th from ``rank``."""
+    if n < 1:
+        raise ValueError("an epoch needs at least one item; got 0")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return torch.cat([perm, perm[: (-n) % multiple]])[rank::world]
+    return perm[torch.arange(n + (-n) % multiple) % n][rank::world]
 
 
 def all_reduced(x: torch.Tensor, device, world: int) -> torch.Tensor:

@@ -163,20 +163,22 @@ def test_an_objective_registered_in_a_test_trains_with_no_change_to_the_trainer(
     register(IPO)
     try:
         cfg = tiny_align_config("align.loss.name=ipo_test", "align.train.epochs=2", "align.train.lr=1e-3")
-        res = train_dpo(cfg, dpo_pairs[:4], storage_dir=tmp_path, name="ipo", progress=False)
+        # one pair, fewer than one step of 4 (a round whose filter kept 1 pair): it fills the step 4 times
+        res = train_dpo(cfg, dpo_pairs[:1], storage_dir=tmp_path, name="ipo", progress=False)
     finally:
         OBJECTIVES.pop("ipo_test")
     h1, h2 = res["history"]
-    # 4 pairs, 4 a step: epoch 1's two micro-batches both run before its one optimizer step, where the policy is
-    # the reference (previous = the fresh adapter, LoRA B = 0): h = 0, loss = (0 - 1/(2 x 0.5))^2 = 1
-    assert h1["objective"] == "ipo_test" and h1["reference_kind"] == "sequence" and h1["reference_forwards"] == 2
+    # epoch 1's two micro-batches both run before its one optimizer step, where the policy is the reference
+    # (previous = the fresh adapter, LoRA B = 0): h = 0, loss = (0 - 1/(2 x 0.5))^2 = 1
+    assert h1["objective"] == "ipo_test" and h1["reference_kind"] == "sequence" and h1["reference_forwards"] == 1
+    assert h1["n_pairs"] == 1 and h1["lr"] and len(h1["step_loss"]) == 1 and h1["policy_micro_batches"] == 2
     assert h1["loss"] == pytest.approx(1.0, abs=1e-4) and h1["u_abs_max_before_first_step"] < 1e-4
     assert h1["reward_margin"] == pytest.approx(0.0, abs=1e-4)  # mean h / beta
     # d loss / dh = 2 (h - 1) < 0 at h = 0: the step raised h (logged as reward_margin = mean h / beta)
     assert h2["reward_margin"] > 0 and h2["reward_accuracy"] > 0.5
     assert h2["loss"] < h1["loss"]  # (at lr 5e-3 one Adam step overshoots h = 1 on this squared loss; 1e-3 not)
     ref = load_file(str(Path(res["adapter"]).parent / "reference.safetensors"))
-    assert sorted(ref) == ["chosen", "chosen_tokens", "rejected", "rejected_tokens"] and ref["chosen"].shape == (4,)
+    assert sorted(ref) == ["chosen", "chosen_tokens", "rejected", "rejected_tokens"] and ref["chosen"].shape == (1,)
 
 
 def test_simpo_trains_without_a_reference_pass(tiny_align_config, ray_session, tmp_path, dpo_pairs):
