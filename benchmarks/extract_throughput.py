@@ -100,7 +100,7 @@ def main() -> None:
 
     from sparserm.features.extract import extract_to_shards
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         extract_to_shards(rows, tmp, cfg.model, replace(cfg.features, share_prefix=True), cfg.run.cache_dir, 0)

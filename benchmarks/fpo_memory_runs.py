@@ -161,7 +161,7 @@ def child(spec_file: str) -> None:
     spec = json.loads(Path(spec_file).read_text())
     cfg = load_config(None, spec["overrides"])
     pairs = json.loads(Path(spec["pairs"]).read_text())
-    ray.init(num_cpus=spec["ray_cpus"], include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=spec["ray_cpus"], include_dashboard=False, log_to_driver=False)
     t0 = time.perf_counter()
     try:
         result = train_dpo(cfg, pairs, storage_dir=Path(spec["storage"]), name=spec["name"], progress=False)

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     train, val = pairs(args.pairs), pairs(args.pairs // 4)
     jobs = [HeadJob(f"h{i}", train, val, seed=i) for i in range(args.heads)]
     kw = dict(hidden=64, epochs=args.epochs, batch_size=64, progress=False)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         train_head(train, val, storage_dir=Path(tmp), name="warm-up", **kw)  # imports, first worker processes
         t0 = time.perf_counter()

@@ -186,7 +186,8 @@ def main(argv=None) -> dict:
     print(f"in-process: {inproc_runs[0]:.1f} items/s (torch threads {torch.get_num_threads()})", flush=True)
 
     # 2. HTTP at each concurrency
-    ray.init(num_cpus=max(2, int(args.replicas * args.num_cpus) + 1), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=max(2, int(args.replicas * args.num_cpus) + 1), include_dashboard=False,
+             log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": cfg.port})
     serve.run(build_app(rm_dir, cfg, token=None), name="sparserm-bench", route_prefix="/")
     post = Poster(f"http://127.0.0.1:{cfg.port}")

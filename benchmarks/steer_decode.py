@@ -58,7 +58,7 @@ def build_random_map(config: str, work: Path, width: int, n_triples: int, overri
     cfg = load_config(config, [*overrides, f"steer.input_sae_dir={saes[0]}", f"steer.output_sae_dir={saes[1]}",
                                f"steer.max_triples={n_triples}"])
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     return build_map(cfg, work / "map", progress=False)
 
 

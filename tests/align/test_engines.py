@@ -55,7 +55,7 @@ def test_an_actor_without_a_gpu_share_never_uses_a_visible_gpu(tmp_path):
     script = tmp_path / "probe.py"
     script.write_text('''
 import json, ray, torch
-ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
 @ray.remote
 def probe():
     torch.cuda.is_available = lambda: True

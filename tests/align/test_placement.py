@@ -36,7 +36,7 @@ JOB = textwrap.dedent('''
     from sparserm.config import load_config
 
     model, rm, data, out, *extra = sys.argv[1:]
-    ray.init(num_cpus=6, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=6, num_gpus=1, include_dashboard=False, log_to_driver=False)
     cfg = load_config("jobs/configs/gemma-2-2b-it.yaml", [
         f"model.name={model}", "model.dtype=float32", f"align.rm_dir={rm}", "align.rounds=1", "align.filters=[none]",
         "align.prompts_per_round=3", "align.generate.max_new_tokens=6", "align.generate.max_prompt_tokens=96",

@@ -303,7 +303,7 @@ def test_to_ray_dataset_round_trip():
     rows = [{"prompt": f"p{i}", "chosen": "a", "rejected": "b", "source": "s", "row_id": f"s:{i}"} for i in range(5)]
     started = not ray.is_initialized()  # another test module may already hold a Ray session
     if started:
-        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         ds = to_ray_dataset(rows)
         assert ds.count() == 5
