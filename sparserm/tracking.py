@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-__all__ = ["BACKENDS", "Tracker", "tracking_spec", "mlflow_store"]
+__all__ = ["BACKENDS", "Tracker", "tracking_spec", "mlflow_store", "node_local_store_note"]
 
 BACKENDS: dict[str, type] = {}  # name -> class: MODULES, wanted(config) -> bool, (spec, first_step), log, close
 SQLITE = "sqlite:///"
@@ -43,6 +43,23 @@ def mlflow_store(uri: str) -> str:
     if uri.startswith(SQLITE) and not uri.startswith(SQLITE + "/"):
         return SQLITE + str(Path(uri[len(SQLITE):]).resolve())
     return uri
+
+
+def node_local_store_note(uri: str) -> str | None:
+    """The warning for a local MLflow store (``uri`` as :func:`mlflow_store` gives it) on a Ray cluster of more
+    than one node, else None: each run's metrics land on the disk of the node whose rank 0 logged them, where
+    the driver and the other nodes may not see them."""
+    if not uri.startswith(SQLITE):
+        return None
+    import ray
+
+    alive = [n for n in ray.nodes() if n["Alive"]] if ray.is_initialized() else []
+    if len(alive) < 2:
+        return None
+    return (f"tracking.mlflow_uri is a local store ({uri[len(SQLITE):]}) on a cluster of {len(alive)} nodes: this "
+            f"run's MLflow metrics go to the disk of node {ray.get_runtime_context().get_node_id()[:12]}, which the "
+            "driver and the other nodes see only if that folder is on a disk they all share; give "
+            "tracking.mlflow_uri an MLflow server (http://host:5000) instead")
 
 
 def tracking_spec(tracking, log_dir: str | Path, stage: str, params: Mapping[str, Any] | None = None) -> dict | None:
@@ -178,6 +195,9 @@ class MLflow:
         uri, name = spec["config"]["mlflow_uri"], spec["config"]["mlflow_experiment"]
         if uri.startswith(SQLITE):  # SQLite makes the file, not its folder
             Path(uri[len(SQLITE):]).parent.mkdir(parents=True, exist_ok=True)
+            note = node_local_store_note(uri)
+            if note:
+                print(f"[tracking] warning: {note}", flush=True)
         self.client = c = MlflowClient(tracking_uri=uri)
         exp = c.get_experiment_by_name(name)
         exp_id = exp.experiment_id if exp else c.create_experiment(name)

@@ -8,7 +8,7 @@ import pytest
 
 from sparserm.config import TrackingConfig, load_config
 from sparserm.testing import mlflow_metrics, tensorboard_scalars
-from sparserm.tracking import BACKENDS, Tracker, mlflow_store, tracking_spec
+from sparserm.tracking import BACKENDS, Tracker, mlflow_store, node_local_store_note, tracking_spec
 
 
 def _epoch(tracker: Tracker, epoch: int, losses: list[float]) -> dict:
@@ -35,6 +35,8 @@ def test_mlflow_store_uris(tmp_path, monkeypatch):
     assert mlflow_store(f"sqlite:///{tmp_path}/m.db") == f"sqlite:///{tmp_path}/m.db"
     assert mlflow_store("http://mlflow:5000") == "http://mlflow:5000"
     assert mlflow_store("store") == f"sqlite:///{tmp_path}/store/mlflow.db"
+    # a local store is warned about only on a cluster of two or more nodes (tests/cluster/test_multinode.py)
+    assert node_local_store_note(mlflow_store("store")) is None and node_local_store_note("http://mlflow:5000") is None
 
 
 def test_numbers_at_global_steps_and_a_resumed_process_does_not_log_twice(tmp_path):

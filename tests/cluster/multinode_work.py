@@ -31,6 +31,7 @@ def run_work(address: str | None, model_dir: str, pairs: str, out_dir: str, mlfl
     import ray
 
     from sparserm.align.trainer import train_dpo
+    from sparserm.tracking import node_local_store_note
     from sparserm.config import load_config
     from sparserm.features.stage import prepare_data, run_features
     from sparserm.reward.train_head import train_head
@@ -56,6 +57,7 @@ def run_work(address: str | None, model_dir: str, pairs: str, out_dir: str, mlfl
         "dpo_log_dir": str(out / "dpo" / "dpo" / "tensorboard"),
         "dpo_row": {k: dpo["history"][0][k] for k in ("loss", "reward_accuracy", "global_step", "step_loss")},
         "seconds": {k: round(seconds[k] - seconds[j], 1) for j, k in zip(seconds, list(seconds)[1:])},
+        "local_store_note": node_local_store_note(f"sqlite:///{out}/mlruns/mlflow.db"),  # what a tracker would print
         "nodes": {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}}
 
 

@@ -116,3 +116,6 @@ def test_work_runs_on_both_nodes_and_matches_one_node(ray_cluster, ray_session, 
         assert ml["step/loss"] == [(k + 1, v) for k, v in enumerate(row["step_loss"])] and row["step_loss"]
         assert ml["epoch/loss"] == [(row["global_step"], row["loss"])]
         assert ml["epoch/reward_accuracy"] == [(row["global_step"], row["reward_accuracy"])]
+    # a local (SQLite) MLflow store would have been warned about on two nodes only
+    assert single["local_store_note"] is None
+    assert "on a cluster of 2 nodes" in multi["local_store_note"] and "mlruns/mlflow.db" in multi["local_store_note"]
