@@ -4,6 +4,7 @@ failures, logging), the fit with a polling interval, and the finished run's chec
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = ["ensure_ray", "PLACEMENT_RETRIES", "failure_config", "run_config", "quiet_worker_logs",
@@ -17,9 +18,41 @@ def ensure_ray(address: str | None = None, log_to_driver: bool = True) -> None:
     dashboard's) whether the run's controller lives, and without one it prints a warning every few seconds for
     the whole run."""
     import ray
+    from ray._private.services import canonicalize_bootstrap_address
 
-    if not ray.is_initialized():
+    if ray.is_initialized():
+        return
+    # a cluster to join (the address, a Ray Client URI, RAY_ADDRESS or the `ray start` cluster of this machine)?
+    joins = address is not None and "://" in address or canonicalize_bootstrap_address(address) is not None
+    if joins:
         ray.init(address=address, include_dashboard=None, log_to_driver=log_to_driver)
+        return
+    with _workers_know_their_cluster():
+        ray.init(address="local", include_dashboard=None, log_to_driver=log_to_driver)
+
+
+@contextmanager
+def _workers_know_their_cluster():
+    """Starts a local instance on a free GCS port that its processes find in ``RAY_ADDRESS`` (the raylet and its
+    workers take the driver's environment when they start; the driver's is restored after). A process of a local
+    instance that asks the State API without an address (Ray Train's placement-group cleaner does) otherwise
+    looks for "the" Ray on the machine and, with a second instance running there (a `ray start` cluster, another
+    local run), fails with "Found multiple active Ray instances"."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    os.environ.update(RAY_ADDRESS=f"127.0.0.1:{port}", RAY_GCS_SERVER_PORT=str(port))
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # Ray Train retries a worker group it cannot place (60 s each, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S) without
@@ -52,10 +85,24 @@ def run_config(storage_dir: Path, name: str, max_failures: int):
 
 
 def quiet_worker_logs() -> None:
-    """In a Ray Train worker: Ray's INFO line for every report off the console (its module logs under its file's
-    path, not ``ray.train``, so ``LoggingConfig`` does not reach it; it stays in the worker's log file)."""
+    """In a Ray worker process (a Ray Train worker, an engine actor), before it loads a model: transformers'
+    "Loading weights" bars off (each an empty line in the driver's console), DeepSpeed told it runs on the CPU
+    where CUDA is absent (else its import warns that it found no accelerator), and Ray Train's INFO line for
+    every report off the console (its module logs under its file's path, not ``ray.train``, so ``LoggingConfig``
+    does not reach it; it stays in the worker's log file)."""
     import logging
+    import sys
 
+    import torch
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()  # transformers takes its setting from here when it is first imported
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when DeepSpeed is first imported
     try:
         from ray.train.v2._internal.execution import context
     except ImportError:  # another Ray layout: its lines stay

@@ -110,14 +110,15 @@ def resolve_policy(policy: str, model: str | None = None):
 
 def load_policy(policy: str, model: str | None = None):
     """(causal LM in eval mode, tokenizer) of a POLICY argument; an adapter is attached with peft."""
-    from sparserm.model.backbone import load_causal_lm
+    from sparserm.model.backbone import load_causal_lm, quiet_peft
 
     cfg, adapter, cache_dir = resolve_policy(policy, model)
     lm, tok = load_causal_lm(cfg, cache_dir)
     if adapter is not None:
         from peft import PeftModel
 
-        lm = PeftModel.from_pretrained(lm, adapter).eval()
+        with quiet_peft():
+            lm = PeftModel.from_pretrained(lm, adapter).eval()
     return lm, tok
 
 

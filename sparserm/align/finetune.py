@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from sparserm.model.backbone import quiet_peft
+
 
 def _gathered(model, stage: int):
     if stage != 3:
@@ -40,11 +42,12 @@ class LoraWeights:
     def prepare(self, model, t, init: str | None, seed: int):
         from peft import LoraConfig, PeftModel, get_peft_model
 
-        if init:
-            return PeftModel.from_pretrained(model, init, is_trainable=True)
-        torch.manual_seed(seed)
-        return get_peft_model(model, LoraConfig(r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
-                                                target_modules=list(t.lora.target_modules), task_type="CAUSAL_LM"))
+        with quiet_peft():
+            if init:
+                return PeftModel.from_pretrained(model, init, is_trainable=True)
+            torch.manual_seed(seed)
+            return get_peft_model(model, LoraConfig(r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
+                                                    target_modules=list(t.lora.target_modules), task_type="CAUSAL_LM"))
 
     def restore(self, model, folder: Path) -> None:
         from peft import set_peft_model_state_dict

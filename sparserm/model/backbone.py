@@ -5,6 +5,8 @@ requested layer: later blocks, the final norm and the LM head are never run.
 """
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +101,15 @@ def load_causal_lm(cfg: ModelConfig, cache_dir: str | Path, device: torch.device
         raise BackboneError(f"model.name: cannot load {cfg.name!r} ({exc})") from exc
     model.eval().to(device or resolve_device(cfg.device))
     return model, load_tokenizer(cfg, cache_dir)
+
+
+@contextmanager
+def quiet_peft():
+    """Around a peft call that wraps a model: peft reads transformers' deprecated ``is_gradient_checkpointing``,
+    a FutureWarning for them to mend that every Ray worker and engine loading an adapter would print."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def decoder_layers(base: nn.Module) -> nn.ModuleList:

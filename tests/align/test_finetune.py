@@ -57,3 +57,18 @@ def test_an_online_dpo_reference_is_the_adapter_off_model_or_a_frozen_copy(tiny_
     assert h["model_forwards_in_steps"] == (1 if copy else 2) * h["policy_micro_batches"]
     assert h["u_abs_max_before_first_step"] < 1e-5
     assert h["peak_rss_mb_above_baseline"] > 0 and h["seconds_per_step"] > 0 and h["peak_gpu_mb"] is None
+
+
+def test_wrapping_a_model_in_an_adapter_prints_no_warning(tiny_align_config):
+    # peft asks transformers' deprecated `is_gradient_checkpointing` (a FutureWarning in every worker's log)
+    import warnings
+
+    from sparserm.align.finetune import LoraWeights
+    from sparserm.model.backbone import load_causal_lm
+
+    cfg = tiny_align_config()
+    model, _ = load_causal_lm(cfg.model, cfg.run.cache_dir, torch.device("cpu"))
+    with warnings.catch_warnings(record=True) as caught:
+        peft_model = LoraWeights().prepare(model, cfg.align.train, None, seed=0)
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
+    assert any(p.requires_grad for p in peft_model.parameters())

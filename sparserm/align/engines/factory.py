@@ -47,8 +47,10 @@ class RewardScorer:
     def __init__(self, rm_dir: str, num_threads: int = 0):
         import torch
 
+        from sparserm.ray_train import quiet_worker_logs
         from sparserm.reward.model import SparseRM
 
+        quiet_worker_logs()
         if num_threads:
             torch.set_num_threads(num_threads)
         self.rm = SparseRM.load(rm_dir)

@@ -8,13 +8,16 @@ from __future__ import annotations
 import torch
 
 from sparserm.align.engines.base import Sampling, left_pad, render, render_prompts
+from sparserm.model.backbone import quiet_peft
 
 
 class HFPolicy:
     def __init__(self, model_cfg: dict, cache_dir: str, num_threads: int = 0):
         from sparserm.config import ModelConfig, build
         from sparserm.model.backbone import load_causal_lm
+        from sparserm.ray_train import quiet_worker_logs
 
+        quiet_worker_logs()
         if num_threads:
             torch.set_num_threads(num_threads)
         self.model_cfg = build(ModelConfig, model_cfg)
@@ -41,7 +44,8 @@ class HFPolicy:
             self.model.set_adapter(name)
             self.model.delete_adapter(old)
         else:
-            self.model = PeftModel.from_pretrained(self.base, path, adapter_name=name)
+            with quiet_peft():
+                self.model = PeftModel.from_pretrained(self.base, path, adapter_name=name)
         self.model.eval()
         self.adapter = path
         return path
