@@ -87,7 +87,7 @@ class SAEConfig:
     batch_size: int = 1024
     # tokens seen in training (epochs over the cached sample): ~4 min on 2 CPU cores at width 4096
     training_tokens: int = 400_000
-    eval_fraction: float = 0.1  # held-out share of the token sample for fvu / dead / l0
+    eval_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1  # held-out share of the token sample: fvu, dead, l0
     normalize: bool = True  # scale activations to mean squared norm d before training (sae-lens option)
 
 
@@ -102,7 +102,7 @@ class RewardConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 64
-    val_fraction: float = 0.15  # of the training split, for choosing the best epoch
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.15  # of the training split, for choosing the best epoch
     patience: NonNegativeInt = 0  # stop once the best epoch has not improved for this many epochs (0: off)
     sweep_folds: int = 5  # `rm sweep`: (L, K) chosen by this many cross-validation folds of the training split
     head_seeds: int = 3  # `rm ablate`: heads fitted per variant (mean, spread and paired intervals reported)
@@ -223,11 +223,11 @@ class ReferenceCacheConfig:
 class TrainConfig:
     """DPO with LoRA under DeepSpeed on Ray Train; resources are per worker."""
 
-    epochs: int = 3
+    epochs: PositiveInt = 3
     lr: float = 5e-4
     warmup_steps: NonNegativeInt = 0  # optimizer steps of linear warm-up to lr, then constant (FPO paper: 150)
-    batch_size: int = 8  # pairs per optimizer step (over all workers)
-    micro_batch_size: int = 4  # pairs per forward per worker
+    batch_size: PositiveInt = 8  # pairs per optimizer step (over all workers)
+    micro_batch_size: PositiveInt = 4  # pairs per forward per worker
     lora: LoraSpec = field(default_factory=LoraSpec)
     finetune: Literal["lora", "full"] = "lora"  # full: every weight trains (checkpoints hold the whole model)
     # a "sequence" reference (DPO): computed once before the steps (false), or by a reference forward at every
@@ -239,7 +239,7 @@ class TrainConfig:
     # non-reentrant): same losses and gradients, activation memory of one block instead of every block's
     gradient_checkpointing: bool = False
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32; the reference runs in the same
-    num_workers: int = 1
+    num_workers: PositiveInt = 1
     num_cpus: NonNegativeFloat = 1.0
     num_gpus: NonNegativeFloat = 0.0  # per worker; a fraction shares the GPU with the engines (colocated)
     backend: str = "auto"  # torch.distributed backend: auto (nccl with GPUs, else gloo) | nccl | gloo

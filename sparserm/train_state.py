@@ -163,8 +163,9 @@ class EarlyStopping:
 
 def held_out(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """``(train, val)`` positions of ``range(n)``, each sorted: ``round(n * fraction)`` (at least 1 when
-    ``fraction`` > 0) drawn by ``seed`` (the order of "epoch 0", which no epoch uses) are held out."""
-    if fraction <= 0:
+    ``fraction`` > 0) drawn by ``seed`` (the order of "epoch 0", which no epoch uses) are held out. A single
+    item is not split (an alignment round whose filter kept one pair trains on it, with nothing to validate)."""
+    if fraction <= 0 or n == 1:
         return list(range(n)), []
     n_val = max(1, round(n * fraction))
     if n_val >= n:

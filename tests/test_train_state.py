@@ -87,8 +87,9 @@ def test_held_out_pairs_by_seed():
     assert len(val) == 2 and sorted(train + val) == list(range(8))
     assert held_out(8, 0.25, 0) == (train, val) and held_out(40, 0.25, 1) != held_out(40, 0.25, 2)
     assert len(held_out(3, 0.1, 0)[1]) == 1  # a share that rounds to none still holds one out
+    assert held_out(1, 0.4, 0) == ([0], [])  # one pair (a round's filter kept one) trains, unvalidated
     with pytest.raises(ValueError, match="none to train on"):
-        held_out(1, 0.4, 0)
+        held_out(2, 0.9, 0)
 
 
 def _rows(values):

@@ -19,11 +19,29 @@ writes one share: rank 0 of a world of 1, stage 0, and every rank loads it.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-__all__ = ["save_optimizer_state", "load_optimizer_state"]
+__all__ = ["save_optimizer_state", "load_optimizer_state", "stepped_params"]
+
+
+@contextmanager
+def stepped_params(zero_optimizer):
+    """With the parameters the torch optimizer steps in its param groups: ZeRO-3 fills them with this rank's
+    fp32 partitions only around each step and leaves them empty in between (its ``state_dict()`` then fails
+    on every state entry); other stages, and a plain optimizer, keep them, and nothing changes."""
+    fill = getattr(zero_optimizer, "_set_fp32_optimizer_param_groups", None)
+    groups = getattr(getattr(zero_optimizer, "optimizer", None), "param_groups", None)
+    if fill is None or groups is None or any(g["params"] for g in groups):
+        yield
+        return
+    fill()
+    try:
+        yield
+    finally:
+        zero_optimizer._clear_fp32_optimizer_param_groups()
 
 
 def _files(folder: Path, rank: int) -> tuple[Path, Path]:

@@ -117,6 +117,12 @@ def final_hidden(model):
 _FULL_LOGITS: "weakref.WeakSet" = weakref.WeakSet()  # models whose head output_head does not reproduce
 
 
+def use_full_logits(model) -> None:
+    """``model``'s log-probs from its full logits from now on: under ZeRO-3, whose head weight is gathered only
+    inside the model's own forward (the chunked head's recompute in backward would find it released)."""
+    _FULL_LOGITS.add(unwrap_causal_lm(model))
+
+
 def forward_batch(model, batch: SequenceBatch, needs: frozenset[str] = frozenset(), sae=None,
                   layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor, TokenDists | None, torch.Tensor | None]:
     """Summed response log-probs [R], token counts [R], optional TokenDists and pooled features [R, d_sae].

@@ -77,12 +77,15 @@ def _sequence_pass(ctx: ReferenceContext) -> tuple[PairStats, int]:
 
     n = len(ctx.seqs)
     out = torch.zeros(4, n, dtype=torch.float64)  # chosen, rejected, chosen_tokens, rejected_tokens
-    mine, forwards = list(range(ctx.rank, n, ctx.world)), 0
+    # as many forwards on every rank (ZeRO-3 gathers each layer collectively; a rank with one forward fewer
+    # would leave the others waiting): positions past the end repeat pairs and are not kept
+    mine, forwards = list(range(ctx.rank, -(-n // ctx.world) * ctx.world, ctx.world)), 0
     with torch.no_grad():
         for b in range(0, len(mine), ctx.micro):
-            idx = mine[b: b + ctx.micro]
-            stats = pair_forward(ctx.engine, ctx.seqs, idx, ctx.pad_id, ctx.device).stats
-            out[:, idx] = torch.stack(stats.as_tuple()).double().cpu()
+            pos = mine[b: b + ctx.micro]
+            stats = pair_forward(ctx.engine, ctx.seqs, [j % n for j in pos], ctx.pad_id, ctx.device).stats
+            real = [k for k, j in enumerate(pos) if j < n]
+            out[:, [pos[k] for k in real]] = torch.stack(stats.as_tuple()).double().cpu()[:, real]
             forwards += 1
     if ctx.world > 1:
         both = out.to(ctx.device)
@@ -108,13 +111,14 @@ def frozen_reference(model_cfg: dict, cache_dir: str, device, adapter: str | Non
     parameters cast to ``dtype`` as DeepSpeed casts the policy's, in eval mode with no gradients: the reference
     the FPO cache pass and an online reference copy both compute with."""
     from sparserm.config import ModelConfig, build
-    from sparserm.model.backbone import load_causal_lm
+    from sparserm.model.backbone import load_causal_lm, quiet_peft
 
     model, tok = load_causal_lm(build(ModelConfig, model_cfg), cache_dir, device)
     if adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter)
+        with quiet_peft():
+            model = PeftModel.from_pretrained(model, adapter)
     for p in model.parameters():
         p.requires_grad_(False)
         if p.is_floating_point() and p.dtype != dtype:

@@ -58,7 +58,7 @@ from pathlib import Path
 import torch
 
 from sparserm.align.objectives import get_objective
-from sparserm.align.pair_forward import pair_forward, tokenize_pairs, unwrap_causal_lm
+from sparserm.align.pair_forward import pair_forward, tokenize_pairs, unwrap_causal_lm, use_full_logits
 from sparserm.config import AlignConfig, Config, TrainConfig, to_dict
 from sparserm.manifest import model_key, stable_hash
 from sparserm.tracking import Tracker, tracking_spec
@@ -163,6 +163,9 @@ def _validate(forward_loss, engine, val_idx: list[int], rank: int, world: int, m
 
 def _train_loop(c: dict) -> dict:
     """Runs on every Ray Train worker."""
+    from sparserm.ray_train import quiet_worker_logs
+
+    quiet_worker_logs()  # before DeepSpeed's import
     import deepspeed
     import ray
     import ray.train
@@ -170,14 +173,12 @@ def _train_loop(c: dict) -> dict:
     from safetensors.torch import load_file, save_file
 
     from sparserm.align.finetune import FINETUNE
-    from sparserm.align.optimizer_state import load_optimizer_state, save_optimizer_state
+    from sparserm.align.optimizer_state import load_optimizer_state, save_optimizer_state, stepped_params
     from sparserm.align.references import ReferenceContext, reference_source
     from sparserm.align.schedule import warmup_scheduler
     from sparserm.config import ModelConfig, build
     from sparserm.model.backbone import load_causal_lm
-    from sparserm.ray_train import quiet_worker_logs
 
-    quiet_worker_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     os.environ.setdefault("LOCAL_RANK", str(ctx.get_local_rank()))  # DeepSpeed reads it
@@ -203,6 +204,8 @@ def _train_loop(c: dict) -> dict:
     seqs = tokenize_pairs(tok, pairs, c["max_tokens"], mcfg.chat_template)
     micro = t.micro_batch_size
     train_idx, val_idx = held_out(len(seqs), t.val_fraction, c["seed"])  # the reference covers both
+    if t.val_fraction and not val_idx and rank == 0:
+        print(f"[dpo {c['name']}] 1 pair: nothing to hold out for validation; it trains on it", flush=True)
 
     objective = c["objective"]  # resolved by the driver (an objective registered at run time arrives pickled)
     sae = None
@@ -233,14 +236,17 @@ def _train_loop(c: dict) -> dict:
     # one worker without ZeRO: the gradient all-reduce is the identity, and DeepSpeed's flattens every gradient
     # into a bucket first (measured: ~0.6 W of peak memory in each backward); ZeRO-1/2 take gradients through it
     engine.enable_backward_allreduce = world > 1 or t.deepspeed_stage > 0
+    if t.deepspeed_stage == 3:
+        use_full_logits(engine)
     # the reference, by the kind the objective declares (after initialize: the dtype and weights it trains in)
     ref = reference_source(objective.reference, t.reference_online)(ReferenceContext(
         engine, seqs, rank, world, micro, tok.pad_token_id, device, c["reference"], c["init_adapter"], c["model"],
         c["cache_dir"], stored_ref, weights, c["features"].get("cache"), c["features"].get("cache_key")))
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            why = load_optimizer_state(engine.basic_optimizer, Path(d) / OPTIMIZER_DIR, rank=rank, world=world,
-                                       stage=t.deepspeed_stage)
+            with stepped_params(engine.optimizer):
+                why = load_optimizer_state(engine.basic_optimizer, Path(d) / OPTIMIZER_DIR, rank=rank, world=world,
+                                           stage=t.deepspeed_stage)
         if why is not None:
             print(f"[dpo {c['name']}] rank {rank}: optimizer moments restart ({why})", flush=True)
     beta = objective.beta_of(a.loss)
@@ -302,7 +308,7 @@ def _train_loop(c: dict) -> dict:
                        reference_copy=getattr(ref, "copy", None) is not None,
                        model_forwards_in_steps=calls[0], policy_micro_batches=micro_batches,
                        placement=placements[rank], placements=placements)
-        improved = False
+        improved = not val_idx  # a single pair, not split: the latest epoch is the best
         if val_idx:  # after the step counts above: these forwards are not the steps'
             row.update(_validate(forward_loss, engine, val_idx, rank, world, micro, device))
             improved = stopper.update(row)
@@ -312,8 +318,9 @@ def _train_loop(c: dict) -> dict:
 
         def write(folder: Path) -> None:  # on every rank: all ranks' files land in the same checkpoint folder
             weights.save(engine, t.deepspeed_stage, folder / weights.folder, tok, rank)
-            save_optimizer_state(engine.basic_optimizer, folder / OPTIMIZER_DIR, rank=rank, world=world,
-                                 stage=t.deepspeed_stage)
+            with stepped_params(engine.optimizer):
+                save_optimizer_state(engine.basic_optimizer, folder / OPTIMIZER_DIR, rank=rank, world=world,
+                                     stage=t.deepspeed_stage)
             if rank == 0 and ref.to_save() is not None:
                 save_file(ref.to_save(), str(folder / "reference.safetensors"))
             if keep is not None:  # rank 0: the best epoch's weights travel in every checkpoint

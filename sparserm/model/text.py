@@ -98,7 +98,9 @@ def truncate_group(prefix: list[int], suffixes: list[list[int]], max_tokens: int
     over = len(prefix) + longest - max_tokens
     if over > 0:
         head, body = prefix[:keep_first], prefix[keep_first:]
-        prefix = head + body[min(over, len(body)):]
-    room = max_tokens - len(prefix)  # >= max_tokens - keep_first > 0
+        # at least one prompt token stays (the last, where no BOS is kept): the first response token's log-prob
+        # is read at the position before it
+        prefix = head + body[min(over, len(body) - (0 if head else 1)):]
+    room = max_tokens - len(prefix)  # >= max_tokens - max(keep_first, 1) > 0
     suffixes = [s[-room:] if len(s) > room else s for s in suffixes]
     return TokenGroup(prefix=list(prefix), suffixes=[list(s) for s in suffixes])

@@ -71,7 +71,7 @@ def pair_sets(table: PooledTable, val_fraction: float, salt: str) -> tuple[PairS
     pairs = PairSet(table.states[torch.as_tensor(iw)], table.states[torch.as_tensor(il)], meta["row_id"][iw],
                     meta["source"][iw], meta["n_tokens"][iw], meta["n_tokens"][il], meta["prompt_id"][iw])
     split = meta["split"][iw]
-    val = np.array([_unit_hash(p, salt + ":val") < val_fraction for p in meta["prompt_id"][iw]])
+    val = np.array([_unit_hash(p, salt + ":val") < val_fraction for p in meta["prompt_id"][iw]], dtype=bool)
     return pairs.take((split == "train") & ~val), pairs.take((split == "train") & val), pairs.take(split == "eval")
 
 
@@ -89,5 +89,7 @@ def prepare_reward_data(cfg: Config, out_dir: Path, cache: ActivationCache | Non
     dirs = directions(sae.W_dec.detach().cpu().float(), pos, neg)
     train, val, held_out = pair_sets(pooled, cfg.reward.val_fraction, cfg.data.split_salt)
     if min(len(train), len(val), len(held_out)) == 0:
-        raise ValueError(f"too few pairs to fit and evaluate: train={len(train)} val={len(val)} eval={len(held_out)}")
+        raise ValueError(f"too few pairs to fit and evaluate: train={len(train)} val={len(val)} (the share "
+                         f"reward.val_fraction={cfg.reward.val_fraction} of the training split's prompts) "
+                         f"eval={len(held_out)} (data.eval_fraction={cfg.data.eval_fraction} of the prompts)")
     return RewardData(cache, layer, sae, sae_dir, sae_metrics, freqs, pos, neg, dirs, train, val, held_out)

@@ -33,6 +33,16 @@ def layer_config(cfg: Config, layer: int) -> Config:
     return dataclasses.replace(cfg, model=model)
 
 
+def check_folds(fold, n_folds: int):
+    """``fold`` (each pair's fold) when every fold holds a pair, else a ValueError naming the empty ones (the
+    folds go by prompt, so fewer prompts than folds leave some empty)."""
+    empty = [f for f in range(n_folds) if not (fold == f).any()]
+    if empty:
+        raise ValueError(f"reward.sweep_folds={n_folds}: fold(s) {empty} hold none of the {len(fold)} train+val "
+                         "pairs (folds go by prompt); lower reward.sweep_folds or give the sweep more prompts")
+    return fold
+
+
 def run_sweep(cfg: Config, out_dir: Path) -> Path:
     cache = run_features(cfg, out_dir)  # one pass, to the deepest candidate layer
     rows = []
@@ -44,7 +54,7 @@ def run_sweep(cfg: Config, out_dir: Path) -> Path:
         cfg_l = layer_config(cfg, layer)
         rd = prepare_reward_data(cfg_l, out_dir, cache=cache)
         pool = rd.train.join(rd.val)
-        fold = pool.folds(n_folds, cfg.data.split_salt)
+        fold = check_folds(pool.folds(n_folds, cfg.data.split_salt), n_folds)
         w_dec = rd.sae.W_dec.detach().cpu().float()
         for k in cfg.reward.sweep_k:
             if 2 * k > w_dec.shape[0]:

@@ -22,6 +22,10 @@ def evaluate_sae(sae: SparseAutoencoder, acts: torch.Tensor, massive_mask: torch
     if len(acts) == 0:
         raise ValueError("no activations to evaluate the SAE on")
     massive = torch.zeros(len(acts), dtype=torch.bool) if massive_mask is None else massive_mask.bool()
+    if int((~massive).sum()) < 2:
+        raise ValueError(f"{int((~massive).sum())} of the {len(acts)} evaluation tokens are not massive: the FVU "
+                         "needs at least 2 (a variance over tokens); give the pass more texts or a larger token "
+                         "sample, or raise features.outlier_norm_factor")
     sums = {"err": 0.0, "err_all": 0.0, "l0": 0.0}
     fired = torch.zeros(sae.d_sae, dtype=torch.bool)
     for start in range(0, len(acts), CHUNK):

@@ -20,6 +20,7 @@ Choice: the pair with the highest held-out agreement among those whose SAEs both
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -45,8 +46,14 @@ def agreement(G: torch.Tensor, D: torch.Tensor, cmap, settings) -> tuple[float, 
 
 
 def choose(rows: list[dict]) -> dict:
+    """The pair whose SAEs both explain enough (else any) with the best held-out agreement, then the larger
+    mass; a pair with nothing compared (agreement NaN: an empty map) ranks below every measured one."""
     ok = [r for r in rows if min(r["explained_in"], r["explained_out"]) >= MIN_EXPLAINED] or rows
-    return max(ok, key=lambda r: (r["heldout_agreement"], r["mass"]))
+    def rank(r: dict) -> tuple:
+        a = r["heldout_agreement"]
+        return (not math.isnan(a), -math.inf if math.isnan(a) else a, r["mass"])
+
+    return max(ok, key=rank)
 
 
 def run_layer_sweep(cfg: Config, out: Path) -> Path:

@@ -104,12 +104,17 @@ def test_deepspeed_config_from_align_config(cfg):
 
 def test_two_workers_each_checkpoint_their_optimizer_share_and_resume_exactly(tiny_align_config, ray_session,
                                                                                tmp_path, dpo_pairs):
+    """Under ZeRO-3 (ZeRO-2 across two workers: tests/cluster/test_multinode.py), with an odd number of pairs.
+    Before, this hung in the reference pass (one rank had a forward fewer, and ZeRO-3's are collective), then
+    failed in the first backward (the chunked head's recompute found its weight released) and in the first
+    checkpoint (ZeRO-3 empties its optimizer's param groups between steps)."""
     from sparserm.align.trainer import train_dpo
 
-    cfg = tiny_align_config("align.train.epochs=2", "align.train.lr=5e-3", "align.train.num_workers=2", "align.train.num_cpus=1",
-                            "align.train.torch_threads=1")
-    pairs = dpo_pairs[:8]
+    cfg = tiny_align_config("align.train.epochs=2", "align.train.lr=5e-3", "align.train.num_workers=2",
+                            "align.train.num_cpus=1", "align.train.torch_threads=1", "align.train.deepspeed_stage=3")
+    pairs = dpo_pairs[:7]
     first = train_dpo(cfg, pairs, storage_dir=tmp_path, name="dpo2", stop_after_epoch=1, progress=False)
+    assert first["history"][0]["reference_forwards"] == 2  # 4 positions a rank, 2 a forward (one repeats a pair)
     shares = sorted(p.name for p in (Path(first["adapter"]).parent / "optimizer").iterdir())
     assert shares == ["rank_0.json", "rank_0.safetensors", "rank_1.json", "rank_1.safetensors"]
     resumed = train_dpo(cfg, pairs, storage_dir=tmp_path, name="dpo2", progress=False)
@@ -162,8 +167,11 @@ def test_an_objective_registered_in_a_test_trains_with_no_change_to_the_trainer(
 
     register(IPO)
     try:
-        cfg = tiny_align_config("align.loss.name=ipo_test", "align.train.epochs=2", "align.train.lr=1e-3")
-        # one pair, fewer than one step of 4 (a round whose filter kept 1 pair): it fills the step 4 times
+        # early stopping on, which holds out a share of the pairs for validation
+        cfg = tiny_align_config("align.loss.name=ipo_test", "align.train.epochs=2", "align.train.lr=1e-3",
+                                "align.train.val_fraction=0.25", "align.train.patience=1")
+        # one pair, fewer than one step of 4 (a round whose filter kept 1 pair): it fills the step 4 times, and
+        # is not split for validation (it trains, and the latest epoch counts as the best)
         res = train_dpo(cfg, dpo_pairs[:1], storage_dir=tmp_path, name="ipo", progress=False)
     finally:
         OBJECTIVES.pop("ipo_test")
@@ -172,6 +180,7 @@ def test_an_objective_registered_in_a_test_trains_with_no_change_to_the_trainer(
     # (previous = the fresh adapter, LoRA B = 0): h = 0, loss = (0 - 1/(2 x 0.5))^2 = 1
     assert h1["objective"] == "ipo_test" and h1["reference_kind"] == "sequence" and h1["reference_forwards"] == 1
     assert h1["n_pairs"] == 1 and h1["lr"] and len(h1["step_loss"]) == 1 and h1["policy_micro_batches"] == 2
+    assert "val_loss" not in h1 and "stopped_early_at" not in h2 and Path(res["adapter"]).name == "best"
     assert h1["loss"] == pytest.approx(1.0, abs=1e-4) and h1["u_abs_max_before_first_step"] < 1e-4
     assert h1["reward_margin"] == pytest.approx(0.0, abs=1e-4)  # mean h / beta
     # d loss / dh = 2 (h - 1) < 0 at h = 0: the step raised h (logged as reward_margin = mean h / beta)

@@ -21,6 +21,10 @@ def test_truncate_group_cuts_prompt_first_and_keeps_bos():
     # a response longer than the budget loses its own beginning; the prompt only keeps its BOS
     g = truncate_group([1, 2, 3], [list(range(100, 110))], max_tokens=5, keep_first=1)
     assert g.prefix == [1] and g.suffixes == [[106, 107, 108, 109]]
+    # with no BOS to keep (a template or a tokenizer without one), the prompt's last token stays: a log-prob of
+    # the first response token needs a position before it (the prompt was cut to nothing)
+    g = truncate_group([1, 2, 3], [list(range(100, 110)), [200, 201]], max_tokens=5, keep_first=0)
+    assert g.prefix == [3] and g.suffixes == [[106, 107, 108, 109], [200, 201]]
 
 
 def test_pooling_modes():

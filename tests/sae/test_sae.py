@@ -93,6 +93,11 @@ def test_evaluate_sae_hand_built_cases():
     assert evaluate_sae(Identity(mean=h.mean(0, keepdim=True)), h)["fvu"] == pytest.approx(1.0)
     m = evaluate_sae(Identity(), h)
     assert m["dead_fraction"] == pytest.approx(0.5) and m["l0"] == pytest.approx(2.0)
+    # one token left, or all but one massive: no variance to divide by (was a ZeroDivisionError)
+    with pytest.raises(ValueError, match="1 of the 1 evaluation tokens are not massive"):
+        evaluate_sae(Identity(), h[:1])
+    with pytest.raises(ValueError, match="1 of the 3 evaluation tokens"):
+        evaluate_sae(Identity(), h, torch.tensor([True, True, False]))
 
 
 def test_registry_and_local_errors_name_what_is_missing(tmp_path):

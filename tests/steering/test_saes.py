@@ -108,6 +108,10 @@ def test_agreement_and_choice_by_hand():
             {"explained_in": 0.9, "explained_out": 0.7, "heldout_agreement": 0.6, "mass": 0.1},
             {"explained_in": 0.8, "explained_out": 0.8, "heldout_agreement": 0.6, "mass": 0.3}]
     assert choose(rows) is rows[2]  # the first explains too little; the tie goes to the larger mass
+    # a pair with nothing compared (an empty map) ranks last, ahead or not; among such pairs mass decides
+    unmeasured = {"explained_in": 0.9, "explained_out": 0.9, "heldout_agreement": float("nan"), "mass": 5.0}
+    assert choose([unmeasured, *rows]) is rows[2] and choose([*rows, unmeasured]) is rows[2]
+    assert choose([unmeasured, {**unmeasured, "mass": 6.0}])["mass"] == 6.0
 
 
 def test_registry_release_is_passed_through_to_sae_lens_and_linked_in_the_audit(steer_config, tiny_saes,
