@@ -248,7 +248,9 @@ def resolve_format(path: str, format: str = "auto") -> str:
     if not p.is_file():
         if format == "auto" and _HUB_ID.match(path) and not path.lower().endswith(_LOCAL_SUFFIXES):
             return "hub"
-        raise DataError(f"data file {path} does not exist")
+        where = "" if p.is_absolute() else (f" (a relative path is read from the working directory, {Path.cwd()}: "
+                                            "in a Ray job, the uploaded checkout; give a path every node sees)")
+        raise DataError(f"data file {path} does not exist{where}")
     if format != "auto":
         return format
     name = p.name.lower()

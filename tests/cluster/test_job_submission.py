@@ -7,7 +7,10 @@ starts it with its own temp dir, free ports on 127.0.0.1 and token, and ends onl
 from __future__ import annotations
 
 import json
+import os
+import re
 import runpy
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -181,19 +184,32 @@ print("PROBE " + json.dumps({"prefix": sys.prefix, "site": site,
 """
 
 
+def readme_submit() -> str:
+    """The README's ``submit`` shell function (both of its cluster blocks define the same one)."""
+    found = {line.split("   #")[0].strip() for line in (ROOT / "README.md").read_text().splitlines()
+             if line.startswith("submit() {")}
+    assert len(found) == 1, found
+    return found.pop()
+
+
 def test_the_runtime_env_installs_the_uploaded_project_into_the_jobs_own_virtualenv(local_cluster, tmp_path):
-    """The job's Python is a virtualenv Ray made for this runtime env (not the cluster's own, where sparserm is
-    an editable install of this checkout); in its site-packages sparserm is a regular install (not editable)
-    of the uploaded working dir, holding this checkout's modules byte for byte, and its ``sparserm`` command
-    is the one on the job's PATH and runs."""
+    """Submitted as the README says (its ``submit`` function, ``--no-wait``, from the repository root): the job's
+    Python is a virtualenv Ray made for this runtime env (not the cluster's own, where sparserm is an editable
+    install of this checkout); in its site-packages sparserm is a regular install (not editable) of the
+    uploaded working dir, holding this checkout's modules byte for byte, and its ``sparserm`` command is the
+    one on the job's PATH and runs."""
     from ray.job_submission import JobStatus
 
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
     pairs = _write_pairs(tmp_path / "pairs.jsonl", 4)
+    env = {**local_cluster.env(), "RAY_ADDRESS": local_cluster.dashboard_url,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    script = f"{readme_submit()}\nsubmit --no-wait -- sh -c 'python {probe} && sparserm data check {pairs}'"
+    out = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    job_id = re.search(r"Job '(\S+)' submitted successfully", out.stdout + out.stderr).group(1)
     client = local_cluster.client()
-    job_id = client.submit_job(entrypoint=f"python {probe} && sparserm data check {pairs}",
-                               runtime_env=runtime_env(tmp_path / "cache"))
     status, logs = wait_for(client, job_id)
     assert status == JobStatus.SUCCEEDED, f"job {job_id} ended {status}; its logs:\n{logs}"
     [line] = [x for x in logs.splitlines() if x.startswith("PROBE ")]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -262,11 +263,15 @@ def test_missing_path_and_unknown_format(tmp_path):
         load_pairs(str(bad_gz), "hh")
 
 
-def test_resolve_format(tmp_path):
+def test_resolve_format(tmp_path, monkeypatch):
     assert resolve_format("someone/some-dataset") == "hub"
     assert resolve_format("anything", "hub") == "hub"
-    with pytest.raises(DataError, match="does not exist"):
+    monkeypatch.chdir(tmp_path)  # a relative path names the folder it was read from (a Ray job's is not the user's)
+    with pytest.raises(DataError, match=f"does not exist \\(a relative path is read from the working directory, "
+                                        f"{re.escape(str(tmp_path))}: in a Ray job"):
         resolve_format("../nowhere/file.jsonl.gz")
+    with pytest.raises(DataError, match=r"/nowhere/file.csv does not exist$"):
+        resolve_format("/nowhere/file.csv")
     (tmp_path / "a.csv").write_text("Question\n")
     assert resolve_format(str(tmp_path / "a.csv")) == "truthfulqa"
 
