@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from tqdm.auto import tqdm
+from sparserm.progress import progress_bar
 
 from sparserm.align.engines.base import Sampling
 from sparserm.align.labellers import LabelContext, PromptItem, get_labeller
@@ -31,7 +31,7 @@ def make_pairs(pool, ctx: LabelContext, items: list[PromptItem], a: AlignConfig,
         c = labeller_of(a, item.task).conversations(item, g.n_samples, max_chars)
         spans.append((len(convs), len(convs) + len(c)))
         convs += c
-    with tqdm(total=len(convs), desc=label, unit="sample", disable=not label) as bar:
+    with progress_bar(total=len(convs), desc=label, unit="sample", disable=not label) as bar:
         gens = pool.generate(convs, sampling_of(a), seed, g.batch_size, bar)
     texts = [[gens[i]["text"] for i in range(s, e)] for s, e in spans]
     labelled: list = [None] * len(items)

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import ray
-from tqdm.auto import tqdm
+from sparserm.progress import progress_bar
 
 from sparserm.align.evaluate import harmless_likelihood, truthfulqa_mc, wins
 from sparserm.align.filter import filter_pairs
@@ -147,7 +147,7 @@ class AlignJob:
         hh = _first([p for t in self.tasks if t.task == "harmless" for p in t.eval_pairs], e.hh_pairs)
         items = self.eval_prompts()
         per_item: dict[str, list[float]] = {}
-        with tqdm(total=len(mc) + len(hh) + len(items), desc=f"align: evaluate {name}", unit="item") as bar:
+        with progress_bar(total=len(mc) + len(hh) + len(items), desc=f"align: evaluate {name}", unit="item") as bar:
             for part in (truthfulqa_mc(act.policy, mc, bar), harmless_likelihood(act.policy, hh, self.max_tokens, bar)):
                 per_item.update(part.pop("per_item", {}))
                 out.update(part)

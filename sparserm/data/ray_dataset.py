@@ -51,10 +51,10 @@ def collect_sorted(ds, key: str, total: int, label: str, progress: bool = True, 
     """The pyarrow blocks of ``ds`` as one table sorted by column ``key``, with one progress bar ``label`` of the
     rows collected, counted in ``unit`` (stderr)."""
     import pyarrow as pa
-    from tqdm.auto import tqdm
+    from sparserm.progress import progress_bar
 
     tables = []
-    with tqdm(total=total, desc=label, unit=unit, disable=not progress) as bar:
+    with progress_bar(total=total, desc=label, unit=unit, disable=not progress) as bar:
         for t in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             tables.append(t)
             bar.update(len(t))

@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from sparserm.progress import progress_bar
 
 from sparserm.config import Config
 from sparserm.data import is_eval, load_pairs, write_rejects
@@ -95,15 +95,16 @@ def run_features(cfg: Config, out_dir: Path, data: PreparedData | None = None) -
     todo = [r for r in data.rows if r["row_id"] not in done]
     if done:
         print(f"[features] resuming: {len(data.rows) - len(todo)} of {len(data.rows)} pairs already cached", flush=True)
-    with tqdm(total=len(data.rows), initial=len(data.rows) - len(todo), desc="features: model pass",
+    with progress_bar(total=len(data.rows), initial=len(data.rows) - len(todo), desc="features: model pass",
               unit="pair") as bar:
         computed = 0
 
         def on_batch(n_pairs: int, n_computed: int) -> None:
             nonlocal computed
             computed += n_computed
+            # drawn by the update (a refresh of its own wrote every update twice to a log)
+            bar.set_postfix(computed_tokens_per_s=f"{computed / (time.time() - t0):.0f}", refresh=False)
             bar.update(n_pairs)
-            bar.set_postfix(computed_tokens_per_s=f"{computed / (time.time() - t0):.0f}")
 
         node_ids = extract_to_shards(todo, str(cache.shard_dir), cfg.model, cfg.features, cfg.run.cache_dir,
                                      cfg.run.seed, on_batch=on_batch,

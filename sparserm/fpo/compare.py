@@ -209,10 +209,11 @@ class FPOCompare:
 
     def _measure(self, name: str, adapter: str | None) -> dict:
         """``_measure_with`` under one progress bar of held-out pairs, prompts and TruthfulQA questions done."""
-        from tqdm.auto import tqdm
+        from sparserm.progress import progress_bar
 
         d = self.data
-        with tqdm(total=len(d.heldout) + len(d.prompts) + len(d.mc), desc=f"fpo: evaluate {name}", unit="item") as bar:
+        with progress_bar(total=len(d.heldout) + len(d.prompts) + len(d.mc), desc=f"fpo: evaluate {name}",
+                          unit="item") as bar:
             return self._measure_with(name, adapter, bar)
 
     def _measure_with(self, name: str, adapter: str | None, bar) -> dict:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from sparserm.progress import progress_bar
 
 from sparserm.data import load_pairs, write_rejects
 from sparserm.reward.accuracy import pair_accuracy
@@ -18,7 +18,7 @@ def evaluate_rm(rm_dir: str | Path, data: str, format: str = "auto", max_pairs: 
     rm = SparseRM.load(rm_dir)
     s_w, s_l = [], []
     rows = loaded.rows
-    for i in tqdm(range(0, len(rows), BATCH), desc="rm evaluate", unit="batch", disable=not rows):
+    for i in progress_bar(range(0, len(rows), BATCH), desc="rm evaluate", unit="batch", disable=not rows):
         chunk = rows[i: i + BATCH]
         w, l = rm.score_pairs([r["prompt"] for r in chunk], [r["chosen"] for r in chunk], [r["rejected"] for r in chunk])
         s_w.extend(w)
