@@ -65,7 +65,7 @@ class FeaturesConfig:
     num_actors: PositiveInt = 1
     num_cpus: NonNegativeFloat = 2.0  # per actor
     num_gpus: NonNegativeFloat = 0.0  # per actor
-    batch_size: int = 32  # pairs per actor call, one Parquet shard each (forwards within it: max_batch_tokens)
+    batch_size: PositiveInt = 32  # pairs per actor call, one Parquet shard each (forwards within it: max_batch_tokens)
     share_prefix: bool = True  # run the shared prompt once per pair (tree-masked packing)
     max_batch_tokens: int = 4096  # padded tokens (rows x longest row) of one packed forward
     token_sample_rate: Annotated[float, Field(gt=0, le=1)] = 0.5  # share of per-token residuals kept for the SAE
@@ -84,7 +84,7 @@ class SAEConfig:
     width: int = 4096
     k: int = 32
     lr: float = 2e-3
-    batch_size: int = 1024
+    batch_size: PositiveInt = 1024
     # tokens seen in training (epochs over the cached sample): ~4 min on 2 CPU cores at width 4096
     training_tokens: int = 400_000
     eval_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1  # held-out share of the token sample: fvu, dead, l0
@@ -98,10 +98,10 @@ class RewardConfig:
     hidden: int = 512
     loss: Literal["margin", "bt", "bce"] = "margin"
     margin: float = 1.0
-    epochs: int = 30
+    epochs: PositiveInt = 30
     lr: float = 1e-3
     weight_decay: float = 0.0
-    batch_size: int = 64
+    batch_size: PositiveInt = 64
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.15  # of the training split, for choosing the best epoch
     patience: NonNegativeInt = 0  # stop once the best epoch has not improved for this many epochs (0: off)
     sweep_folds: int = 5  # `rm sweep`: (L, K) chosen by this many cross-validation folds of the training split
@@ -126,7 +126,7 @@ class ServeConfig:
     port: int = 8000
     replicas: int = 1  # fixed replica count; ignored when `autoscaling` is set
     autoscaling: AutoscalingSpec | None = None
-    max_batch_size: int = 16  # items (one prompt+response, or one compare pair) per @serve.batch call
+    max_batch_size: PositiveInt = 16  # items (one prompt+response, or one compare pair) per @serve.batch call
     max_batch_tokens: int = 4096  # token budget of one batch (token-aware batch sizing); 0 disables it
     batch_wait_timeout_s: float = 0.01
     max_ongoing_requests: int = 64  # HTTP/handle requests one replica accepts at once
@@ -160,8 +160,8 @@ class VLLMSpec:
     """vLLM generation engines (GPU). ``num_gpus`` is per tensor-parallel rank: 1 for a GPU of its own, a
     fraction to share one GPU with the scorer, the evaluator and the DPO workers (``align`` colocates them)."""
 
-    num_engines: int = 1
-    tensor_parallel_size: int = 1
+    num_engines: PositiveInt = 1
+    tensor_parallel_size: PositiveInt = 1
     num_gpus: NonNegativeFloat = 1.0
     num_cpus: NonNegativeFloat = 1.0
     gpu_memory_utilization: float = 0.5  # share of the GPU's memory for weights + KV cache
@@ -189,7 +189,7 @@ class GenerateConfig:
     max_new_tokens: int = 64
     temperature: float = 0.7
     top_p: float = 0.95
-    batch_size: int = 16
+    batch_size: PositiveInt = 16
     vllm: VLLMSpec = field(default_factory=VLLMSpec)
 
 

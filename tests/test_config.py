@@ -36,6 +36,7 @@ def test_yaml_then_overrides(tmp_path):
     # a step, a forward and a worker group of no pairs (an epoch's order divided by zero)
     ("align.train.batch_size=0", "align.train.batch_size"), ("align.train.micro_batch_size=0", "micro_batch_size"),
     ("align.train.num_workers=0", "align.train.num_workers"), ("align.train.batch_size=-4", "batch_size"),
+    ("align.generate.batch_size=0", "align.generate.batch_size"), ("reward.epochs=0", "reward.epochs"),
 ])
 def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
