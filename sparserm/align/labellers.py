@@ -189,6 +189,9 @@ def _ranked_label(items, texts, ctx) -> list[Labelled]:
         k += len(ts)
         best = max(range(len(ts)), key=lambda i: block[i])
         worst = min(range(len(ts)), key=lambda i: block[i])
+        if block[best] == block[worst] and len(set(ts)) > 1:  # the RM prefers none of the samples
+            out.append((None, "tie"))
+            continue
         out.append(_pair(item, ts[best], ts[worst], label_source="rm", score_chosen=float(block[best]),
                          score_rejected=float(block[worst])))
     return out

@@ -77,3 +77,23 @@ def test_judge_reads_a_real_model_in_both_orders(tiny_model_dir, cache_dir, ray_
     assert why is None and pair["label_source"] == "judge"
     assert pair["chosen"] == ("Hello there." if p_ab > 0.5 else "Go away.")
     assert pair["rule_margin"] == pytest.approx(abs(p_ab - 0.5), abs=1e-6)
+
+
+def test_ranked_pairs_the_best_and_worst_scored_samples_and_drops_a_tie(ray_session):
+    import ray
+
+    @ray.remote
+    class FixedScores:  # stands in for the RM scorer actor: a score per response text
+        def __init__(self, table):
+            self.table = table
+
+        def score(self, prompts, responses):
+            return [self.table[r] for r in responses]
+
+    ctx = LabelContext(scorer=FixedScores.remote({"a": 0.1, "b": 0.9, "c": -0.4, "d": 0.5, "e": 0.5, "f": 0.5}))
+    items = [PromptItem("harmless", "p1"), PromptItem("harmless", "p2"), PromptItem("harmless", "p3")]
+    (pair, why), tie, same = get_labeller("ranked").label(items, [["a", "b", "c"], ["d", "e"], ["f", "f"]], ctx)
+    assert why is None and (pair["chosen"], pair["rejected"]) == ("b", "c")
+    assert (pair["score_chosen"], pair["score_rejected"], pair["label_source"]) == (0.9, -0.4, "rm")
+    assert tie == (None, "tie")  # different texts the RM scores alike (was reported as "identical")
+    assert same == (None, "identical")
