@@ -21,8 +21,9 @@ def _load(args) -> "tuple":
     from sparserm.manifest import make_run_dir, run_home
 
     config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config and not Path(config).is_file():
-        config, overrides = None, [config, *overrides]  # no config file, only overrides
+    # no config file, only overrides (a path with "=" in a folder name is still a path: its key has a "/")
+    if config is not None and "=" in config and not Path(config).is_file() and "/" not in config.split("=")[0]:
+        config, overrides = None, [config, *overrides]
     cfg = load_config(config, overrides)
     args.output_home = run_home(cfg, args.stage, args.output_dir)
     return cfg, make_run_dir(cfg, args.stage, args.output_home)

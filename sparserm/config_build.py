@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import os
 import re
+import types
 import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,12 @@ class ConfigError(ValueError):
 _Loader = type("_Loader", (yaml.SafeLoader,), {})  # YAML 1.1 reads 5e-3 and 1.5e3 as strings; this one: floats
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
     r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+.0123456789"))
+# YAML 1.1 reads 010 as octal 8 and 1:30 as 90: with a leading zero or a colon a number stays text (pydantic then
+# names the key that wants a number), put ahead of the int resolver so it is tried first
+_Loader.add_implicit_resolver("tag:yaml.org,2002:str", re.compile(r"^[-+]?(?:0[0-9_]+|[0-9][0-9_]*(?::[0-5]?[0-9])+)$"),
+                              list("-+0123456789"))
+for _first in "-+0123456789":
+    _Loader.yaml_implicit_resolvers[_first].insert(0, _Loader.yaml_implicit_resolvers[_first].pop())
 _adapter = functools.cache(pydantic.TypeAdapter)
 
 
@@ -72,9 +79,18 @@ to_dict = pydantic_core.to_jsonable_python  # config object -> plain dicts, list
 replace = dataclasses.replace
 
 
-def _set_path(tree: dict, dotted: str, value: Any) -> None:
+def _is_text(tp: Any) -> bool:
+    """A field that holds a string: ``str`` or ``str | None``."""
+    return tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType)
+                         and set(typing.get_args(tp)) == {str, type(None)})
+
+
+def _set_path(tree: dict, dotted: str, value: Any, raw: str | None = None) -> None:
     """Put ``value`` at ``a.b.c`` of a YAML tree; ``a.b`` must be config sections (pydantic checks the rest). Each
-    mapping on the way is copied (YAML aliases share them); a None (an unset ``serve.autoscaling``) becomes one."""
+    mapping on the way is copied (YAML aliases share them); a None (an unset ``serve.autoscaling``) becomes one.
+    A string field takes the override's ``raw`` text as it was typed (YAML would read ``run #2`` as ``run`` and
+    a comment, ``a: b`` as a mapping), but for a quoted string (YAML's reading stands) and for ``null`` in one
+    that may be unset."""
     from sparserm.config import Config
 
     *parents, last = dotted.split(".")
@@ -83,6 +99,10 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
         if (fields := _section(fields.get(part), lists=False)) is None:
             raise ConfigError(f"unknown config key {dotted}: {'.'.join(parents[:i + 1])} is not a config section")
         node[part] = node = dict(node[part]) if isinstance(node.get(part), dict) else {}
+    tp = fields.get(last)
+    quoted = raw is not None and raw.strip()[:1] in ("'", '"')  # YAML's own quoting: its string stands
+    if raw is not None and _is_text(tp) and not quoted and not (tp is not str and raw.strip() in ("null", "~")):
+        value = raw
     node[last] = value
 
 
@@ -102,7 +122,7 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...] = ()) ->
 
     tree = to_dict(cfg)
     for item in overrides:
-        _set_path(tree, *parse_override(item))
+        _set_path(tree, *parse_override(item), raw=item.partition("=")[2])
     return build(Config, tree).validate()
 
 
@@ -121,5 +141,5 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
     for item in overrides:
-        _set_path(tree, *parse_override(item))
+        _set_path(tree, *parse_override(item), raw=item.partition("=")[2])
     return build(Config, tree).validate()

@@ -27,6 +27,9 @@ def test_data_check_counts_bad_rows_and_fails_only_on_unreadable_files(tmp_path,
 def test_config_errors_exit_2_naming_the_key(capsys):
     assert main(["features", "reward.nope=1"]) == 2
     assert "reward.nope" in capsys.readouterr().err
+    # a missing config file whose folder has "=" in its name is a missing file, not an override "runs/lr"
+    assert main(["features", "runs/lr=1e-3/cfg.yaml"]) == 2
+    assert "config file runs/lr=1e-3/cfg.yaml does not exist" in capsys.readouterr().err
 
 
 def test_overrides_go_before_or_after_the_options_as_the_readme_and_gpu_check_write_them(capsys):

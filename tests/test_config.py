@@ -25,6 +25,20 @@ def test_yaml_then_overrides(tmp_path):
     assert cfg.features.batch_size == Config().features.batch_size  # untouched defaults stay
 
 
+def test_a_string_override_is_taken_as_typed_and_a_number_with_a_leading_zero_is_refused(tmp_path):
+    # YAML read "run #2" as "run" and a comment, and 010 as octal 8
+    cfg = load_config(None, ["align.rm_dir=runs/run #2/rm", "model.name=a: b", "align.generate.judge_model=#5"])
+    assert (cfg.align.rm_dir, cfg.model.name, cfg.align.generate.judge_model) == ("runs/run #2/rm", "a: b", "#5")
+    assert load_config(None, ["align.rm_dir=null"]).align.rm_dir is None  # a field that may be unset
+    assert load_config(None, ["model.name='0.1 #x'"]).model.name == "0.1 #x"  # YAML's quotes: their string
+    for override in ("model.layer=010", "reward.lr=1:30"):
+        with pytest.raises(ConfigError, match=f"{override.split('=')[0]}='.*' \\(str\\) is invalid"):
+            load_config(None, [override])
+    (tmp_path / "c.yaml").write_text("model: {layer: 010}\n")
+    with pytest.raises(ConfigError, match="model.layer='010'"):
+        load_config(tmp_path / "c.yaml")
+
+
 @pytest.mark.parametrize("override, needle", [
     ("reward.topk=3", "reward.topk"),
     ("nosuch.key=1", "nosuch.key"),
@@ -97,7 +111,7 @@ def test_paper_configs_name_a_registry_sae_of_their_model_and_layer(name):
     ("reward.top_k=8.0", r"reward\.top_k=8\.0 \(float\) is invalid"),
     ("reward.lr='0.1'", r"reward\.lr='0\.1' \(str\) is invalid: Input should be a valid number"),
     ("reward.lr=true", r"reward\.lr=True \(bool\) is invalid"),
-    ("model.name=5", r"model\.name=5 \(int\) is invalid: Input should be a valid string"),
+    ("model.layer=[3]", r"model\.layer=\[3\] \(list\) is invalid: Input should be a valid integer"),
     ("align.generate.vllm.num_gpus=x", r"align\.generate\.vllm\.num_gpus='x' \(str\) is invalid"),
     ("model.extra_layers=[1, x]", r"model\.extra_layers\[1\]='x'"),
     ("model.extra_layers=3", r"model\.extra_layers=3 \(int\) is invalid"),

@@ -122,10 +122,12 @@ def _full(result: LoadResult, max_pairs: int | None) -> bool:
 
 
 def _raw_lines(path: str) -> Iterator[bytes]:
+    """The file's lines as bytes, a UTF-8 byte-order mark (an editor's on Windows) off the first."""
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rb") as fh:
-            yield from fh
+            for i, line in enumerate(fh):
+                yield line[3:] if i == 0 and line.startswith(b"\xef\xbb\xbf") else line
     except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
         raise DataError(f"cannot read {path}: {exc}") from exc
 

@@ -48,7 +48,7 @@ def _records(path: str) -> Iterator[tuple[int, dict]]:
     if not p.is_file():
         raise DataError(f"data file {path} does not exist")
     try:
-        with open(p, newline="", encoding="utf-8") as fh:
+        with open(p, newline="", encoding="utf-8-sig") as fh:  # -sig: a byte-order mark is not in "Question"
             reader = csv.DictReader(fh)
             missing = [c for c in REQUIRED if c not in (reader.fieldnames or ())]
             if missing:

@@ -16,8 +16,8 @@ _TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
 def to_messages(prompt: str) -> list[dict]:
-    """HH-RLHF style dialogues ("\\n\\nHuman: ... \\n\\nAssistant:") become chat turns; anything else
-    is a single user message."""
+    """HH-RLHF style dialogues ("\\n\\nHuman: ... \\n\\nAssistant:") become chat turns (text before the
+    first turn, an instruction say, opens the first user turn); anything else is a single user message."""
     text = "\n\n" + prompt.lstrip("\n")
     if not _TURN.search(text):
         return [{"role": "user", "content": prompt}]
@@ -28,6 +28,11 @@ def to_messages(prompt: str) -> list[dict]:
         if not content and role == "Assistant":
             continue  # the trailing "Assistant:" that opens the response
         messages.append({"role": "user" if role == "Human" else "assistant", "content": content})
+    preamble = parts[0].strip()
+    if preamble and messages and messages[0]["role"] == "user":
+        messages[0] = {"role": "user", "content": f"{preamble}\n\n{messages[0]['content']}".strip()}
+    elif preamble:
+        messages.insert(0, {"role": "user", "content": preamble})
     return messages or [{"role": "user", "content": prompt}]
 
 

@@ -126,7 +126,8 @@ class RewardModelServer:
 
     async def _reward(self, req: RewardRequest) -> RewardResponse:
         c = self.cfg
-        rows, cut = limit_items(req.query, (), "query", c.max_items_per_request, c.max_text_chars, c.overlong)
+        rows, cut = limit_items([self.scorer.strip_query(q) for q in req.query], (), "query", c.max_items_per_request,
+                                c.max_text_chars, c.overlong)
         groups = await self._encode(self.scorer.encode_query, [(r["query"],) for r in rows], "query")
         rewards = [s[0] for s in await self._score_groups(groups)]
         return RewardResponse(rewards=rewards, scores=rewards, extra_logs={}, truncated=cut)
@@ -134,8 +135,9 @@ class RewardModelServer:
     async def _classify(self, req: ClassifyRequest) -> ClassifyResponse:
         """``/get_reward``'s scoring of full texts, in vLLM's classification shape (one class: the reward)."""
         c, single = self.cfg, isinstance(req.input, str)
-        rows, cut = limit_items([req.input] if single else req.input, (), "input", c.max_items_per_request,
-                                c.max_text_chars, c.overlong, single=single)
+        texts = [self.scorer.strip_query(q) for q in ([req.input] if single else req.input)]  # its padding off
+        rows, cut = limit_items(texts, (), "input", c.max_items_per_request, c.max_text_chars, c.overlong,
+                                single=single)
         groups = await self._encode(self.scorer.encode_query, [(r["query"], req.add_special_tokens) for r in rows],
                                     "input", single)
         scores = [s[0] for s in await self._score_groups(groups)]

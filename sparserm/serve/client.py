@@ -18,6 +18,8 @@ from typing import Any, Callable
 from sparserm.serve.errors import ServeRequestError
 
 DEFAULT_CHUNK = 256
+RETRIED_4XX = (408, 429)  # the answers of an overloaded service, not of a bad request: retried as 5xx are
+MAX_RETRY_AFTER_S = 30.0  # the longest Retry-After a client waits out
 
 
 def _retry(call: Callable[[], Any], retries: int, backoff_s: float) -> Any:
@@ -127,6 +129,10 @@ class HTTPRewardClient(_Base):
 
         def once():
             r = self._session().post(self.url + path, json=body, headers=headers, timeout=self.timeout_s)
+            if r.status_code in RETRIED_4XX:  # Serve's proxy: a request timeout, back-pressure
+                wait = r.headers.get("Retry-After", "")
+                time.sleep(min(float(wait), MAX_RETRY_AFTER_S) if wait.replace(".", "", 1).isdigit() else 0.0)
+                r.raise_for_status()
             if 400 <= r.status_code < 500:
                 try:
                     err = r.json()
@@ -178,9 +184,12 @@ def score_dataset(ds, *, app_name: str | None = "sparserm", url: str | None = No
 
 
 def _text(content) -> str:
-    """A message content: a string, or a list of parts of which the text parts are kept."""
+    """A message content: a string, or a list of parts of which the text parts are kept (None, an assistant
+    turn that only calls tools, is no text)."""
+    if content is None:
+        return ""
     if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        return "".join(p.get("text") or "" for p in content if isinstance(p, dict))
     return str(content)
 
 

@@ -1,9 +1,10 @@
 """The ``serve:`` section of the config tree: :class:`sparserm.config.ServeConfig`, loaded on its own."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from sparserm.config import AutoscalingSpec, ServeConfig, load_config
+from sparserm.config import AutoscalingSpec, Config, ServeConfig, load_config
 
 __all__ = ["AutoscalingSpec", "ServeConfig", "load_serve_config"]
 
@@ -17,4 +18,4 @@ def load_serve_config(path: str | Path | None = None, overrides: list[str] | tup
     return load_config(path, prefixed).serve
 
 
-_TOP_LEVEL = {"run", "data", "model", "features", "sae", "reward", "serve", "align"}
+_TOP_LEVEL = {f.name for f in dataclasses.fields(Config)}  # every section: steer., fpo., tracking. too

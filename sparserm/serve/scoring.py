@@ -68,6 +68,9 @@ class Scorer:
 
     def encode(self, prompt, responses: list[str]) -> TokenGroup:
         """A prompt (string, or chat messages) with its responses, as :meth:`SparseRM.pooled_states` encodes it."""
+        said = prompt if isinstance(prompt, str) else "".join(str(m.get("content") or "") for m in prompt)
+        if not said.strip() and not any(r.strip() for r in responses):  # a chat template would still give tokens
+            raise ValueError("the prompt and the response are both empty")
         if isinstance(prompt, str):
             group = encode_group(self.tok, prompt, list(responses), self.cfg.max_tokens, self.cfg.chat_template)
         elif self.templated:
@@ -84,13 +87,21 @@ class Scorer:
         suffixes = [self.tok(r, add_special_tokens=False)["input_ids"] for r in responses]
         return _check(truncate_group(prefix, suffixes, self.cfg.max_tokens, keep_first=_bos(self.tok, prefix)))
 
-    def split_query(self, query: str) -> tuple[str | None, str]:
-        """(templated prompt text or None, response) per the rule in the module docstring."""
+    def strip_query(self, query: str) -> str:
+        """``query`` without the leading and trailing special tokens :meth:`split_query` drops (OpenRLHF's
+        decoded queries carry their padding: the text limits apply to what remains)."""
         q = query
         while self.leading and any(q.startswith(s) for s in self.leading):
             q = q[len(next(s for s in self.leading if q.startswith(s))):]
         while self.trailing and any(q.endswith(s) for s in self.trailing):
             q = q[: -len(next(s for s in self.trailing if q.endswith(s)))]
+        return q
+
+    def split_query(self, query: str) -> tuple[str | None, str]:
+        """(templated prompt text or None, response) per the rule in the module docstring."""
+        q = self.strip_query(query)
+        if not q.strip():
+            raise ValueError("the text is empty (after its padding and special tokens)")
         if self.marker and self.marker in q:
             cut = q.rindex(self.marker) + len(self.marker)
             return q[:cut], q[cut:]

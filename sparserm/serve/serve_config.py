@@ -83,6 +83,9 @@ def generate(argv: list[str]) -> dict:
     if args.pip:
         runtime_env["pip"] = list(args.pip)
     if args.env:
+        bad = [kv for kv in args.env if "=" not in kv]
+        if bad:
+            raise SystemExit(f"--env {bad[0]!r}: expected NAME=VALUE")
         runtime_env["env_vars"] = dict(kv.split("=", 1) for kv in args.env)
     return serve_config(load_serve_config(args.config, args.overrides), rm_dir=args.rm_dir, map_dir=args.map_dir,
                         rm_prefix=args.rm_prefix, steer_prefix=args.steer_prefix, runtime_env=runtime_env or None)

@@ -62,7 +62,10 @@ def _snippet(tok, ids: list[int], pos: int) -> str:
 
 @torch.no_grad()
 def top_snippets(smap, triples: list[dict], latents: list[int], n: int) -> dict[int, list[dict]]:
-    """Per latent, its ``n`` highest peaks over the triples' responses (one per response)."""
+    """Per latent, its ``n`` highest peaks over the triples' responses (one per response); ``{}`` for none
+    (a map whose threshold kept no entry)."""
+    if not latents:
+        return {}
     from sparserm.model.backbone import load_backbone, resolve_device
     from sparserm.model.forward import packed_states
     from sparserm.model.text import encode_group
@@ -72,7 +75,7 @@ def top_snippets(smap, triples: list[dict], latents: list[int], n: int) -> dict[
     backbone = load_backbone(replace(cfg.model, layer=out.layer, extra_layers=()), cfg.run.cache_dir,
                              resolve_device(cfg.model.device))
     sae = SparseAutoencoder.load(out.folder, backbone.device)
-    tok, m, ids = backbone.tokenizer, cfg.model, torch.tensor(latents)
+    tok, m, ids = backbone.tokenizer, cfg.model, torch.tensor(latents, dtype=torch.long)
     peaks: dict[int, list[dict]] = {j: [] for j in latents}
     step = cfg.steer.batch_size
     for start in range(0, len(triples), step):
@@ -124,6 +127,9 @@ def write_audit(map_dir: str | Path) -> Path:
              f"The {len(latents)} output latents (layer {smap.output.layer}) the map moves most, by their mass "
              f"sum_i |A_ij|; `selected by`: of the {smap.n_triples} build prompts, how many select the latent "
              f"(k_prompt {s.k_prompt}, k_diff {s.k_diff}); peaks in the build responses, the token marked [[ ]].", ""]
+    if not latents:
+        lines += ["The map has no entry, so it moves nothing: a lower `steer.threshold` or more build triples give "
+                  "it some.", ""]
     for x in latents:
         link = f" ([Neuronpedia]({x['neuronpedia']}))" if x["neuronpedia"] else ""
         feed = ", ".join(f"{f['input_latent']} ({f['A']:+.4f})" for f in x["feeders"])

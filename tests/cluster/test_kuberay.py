@@ -292,6 +292,8 @@ def test_rayservice_serve_config_is_the_generated_one():
 
     from sparserm.serve.serve_config import generate
 
+    with pytest.raises(SystemExit, match="--env 'FOO': expected NAME=VALUE"):
+        generate(["--rm-dir", "/m", "--env", "FOO"])
     config = serve_config_of_manifest()
     assert config == generate(generator_argv())
     ServeDeploySchema.model_validate(config)  # what `serve deploy` and KubeRay hand to Serve

@@ -145,7 +145,9 @@ def test_jsonl_prompt_format_and_gzip(tmp_path):
     plain.write_bytes(raw)
     gz = tmp_path / "p.jsonl.gz"
     gz.write_bytes(gzip.compress(raw))
-    for path in (plain, gz):
+    bom = tmp_path / "bom.jsonl"  # a byte-order mark before the first record (it was rejected as invalid_json)
+    bom.write_bytes(b"\xef\xbb\xbf" + raw)
+    for path in (plain, gz, bom):
         res = load_pairs(str(path))
         assert res.format == "jsonl"
         assert res.n_read == 10 and len(res.rows) == 2
@@ -159,6 +161,8 @@ def test_jsonl_prompt_format_and_gzip(tmp_path):
 def test_explicit_format_overrides_detection(tmp_path):
     path = write_lines(tmp_path / "x.jsonl", [j({"chosen": dialogue("a", "b"), "rejected": dialogue("a", "c")})])
     assert len(load_pairs(str(path), "hh").rows) == 1
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert resolve_format(str(path)) == "hh"  # detected past a byte-order mark too
     res = load_pairs(str(path), "jsonl")  # no prompt field -> every row rejected, no crash
     assert res.rows == [] and res.reason_counts() == {"missing_field": 1}
 
@@ -170,7 +174,7 @@ def test_truthfulqa_pairing_small_csv(tmp_path):
     import csv
 
     path = tmp_path / "tqa.csv"
-    with open(path, "w", newline="", encoding="utf-8") as fh:
+    with open(path, "w", newline="", encoding="utf-8-sig") as fh:  # with a byte-order mark, as Excel saves it
         w = csv.writer(fh)
         w.writerow(["Type", "Category", "Question", "Best Answer", "Correct Answers", "Incorrect Answers", "Source"])
         w.writerow(["A", "C", "Q1?", "c1", "c1; c2", "i1; i2; i3", "s"])  # 3 pairs

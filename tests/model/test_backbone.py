@@ -12,6 +12,13 @@ def test_to_messages_parses_hh_dialogue():
     assert msgs == [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello"},
                     {"role": "user", "content": "bake bread?"}]
     assert to_messages("What is 2+2?") == [{"role": "user", "content": "What is 2+2?"}]
+    # text before the first turn opens the first user turn (it was dropped: the model never saw it)
+    assert to_messages("Summarize this chat:\n\nHuman: hi\n\nAssistant: hello\n\nHuman: ok?") == [
+        {"role": "user", "content": "Summarize this chat:\n\nhi"}, {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "ok?"}]
+    assert to_messages("Context\n\nAssistant: hello\n\nHuman: more") == [
+        {"role": "user", "content": "Context"}, {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "more"}]
 
 
 def test_truncate_group_cuts_prompt_first_and_keeps_bos():

@@ -104,6 +104,13 @@ def test_openrlhf_get_reward(service, rm):
     assert out["scores"] == out["rewards"] and isinstance(out["extra_logs"], dict)
     one = openrlhf_post(service["url"] + "/get_reward", queries[:1], PROMPTS[:1], [None])
     assert one["scores"] == pytest.approx(expected[:1], abs=1e-5)
+    # padding does not count against serve.max_text_chars (a batch's short query was refused, or with
+    # overlong: truncate kept only pads and scored an empty text)
+    padded = tok.pad_token * LIMITS["max_text_chars"] + queries[0]
+    assert openrlhf_post(service["url"] + "/get_reward", [padded], PROMPTS[:1], [None])["rewards"] == \
+        pytest.approx(expected[:1], abs=1e-5)
+    r = post(service["url"], "/get_reward", {"query": [queries[0], tok.pad_token * 3 + tok.eos_token]})
+    assert r.status_code == 422 and r.json()["field"] == "query.1" and "empty" in r.json()["detail"]
 
 
 def test_auth(service):
@@ -126,6 +133,8 @@ def test_auth(service):
     ('{"items": [{"prompt": "a", "respone": "x"}]}', 422, "items.0.response"),
     ('{"items": "x"}', 422, "items"),
     ('{"items": [{"prompt": [{"role": "user"}], "response": "x"}]}', 422, "items.0.prompt.0.content"),
+    ('{"items": [{"prompt": "a", "response": "b"}, {"prompt": " ", "response": ""}]}', 422, "items.1"),
+    ('{"items": [{"prompt": [{"role": "user", "content": ""}], "response": ""}]}', 422, "items.0"),
     ("", 422, "body"),
 ])
 def test_bad_requests(service, data, status, field):

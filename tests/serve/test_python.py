@@ -78,6 +78,24 @@ def test_trl_grpo_reward_func(service, rm, tiny_model_dir, tmp_path):
     assert "rewards/sparserm/mean" in str(trainer.state.log_history)
 
 
+def test_trl_reward_reads_a_tool_call_turn_as_no_text(service):
+    # an assistant message that only calls tools has content None: it was scored as the text "None"
+    from sparserm.serve import HTTPRewardClient, SparseRMReward
+
+    reward = SparseRMReward(service["url"])
+    prompts = [[{"role": "user", "content": PROMPTS[0]}, {"role": "assistant", "content": None},
+                {"role": "user", "content": [{"type": "text", "text": "and?"}, {"type": "image"}]}]]
+    completions = [[{"role": "assistant", "content": None}, {"role": "assistant", "content": RESPONSES[0]}]]
+
+    def served(turn: str) -> list[float]:  # the same conversation with the tool-call turn as given text
+        return HTTPRewardClient(service["url"]).score([[{"role": "user", "content": PROMPTS[0]},
+                                                        {"role": "assistant", "content": turn},
+                                                        {"role": "user", "content": "and?"}]], [RESPONSES[0]])
+
+    got = reward(prompts=prompts, completions=completions)
+    assert got == pytest.approx(served(""), abs=1e-6) and got != pytest.approx(served("None"), abs=1e-6)
+
+
 def test_client_retries_across_replica_restart(service, rm):
     """Kill the replica: the controller replaces it and the client's retries get the same scores."""
     import ray
@@ -110,6 +128,8 @@ def test_cli_and_config(tmp_path):
     opts = deployment_options(cfg)
     assert opts["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3} and "num_replicas" not in opts
     assert opts["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.0}  # per replica
+    # every section's keys pass through unprefixed (steer., tracking. were taken for serve.steer., ...)
+    assert load_serve_config(None, ["steer.alpha=0.5", "tracking.tensorboard=false", "fpo.train_pairs=8"]) == ServeConfig()
     opts = deployment_options(load_serve_config(None, ["num_cpus=2", "serve.num_gpus=0.5", "replicas=3"]))
     assert opts["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 0.5} and opts["num_replicas"] == 3
     with pytest.raises(ConfigError, match=r"serve\.num_gpus=-1 is invalid"):  # a ServeConfig made in code

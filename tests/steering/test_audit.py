@@ -85,3 +85,10 @@ def test_snippets_peak_where_an_independent_forward_says(audit, audited):
             checked += 1
     assert checked > 0
     assert Path(audited, "audit.md").read_text().count("## latent") == len(audit["latents"])
+
+
+def test_a_map_with_no_entry_has_no_latents_to_audit():
+    # a threshold that kept no entry: the empty latent list indexed the SAE's codes with a float tensor
+    from sparserm.steering.audit import top_snippets
+
+    assert top_snippets(smap=None, triples=[{"prompt": "p", "chosen": "a", "rejected": "b"}], latents=[], n=3) == {}
