@@ -99,11 +99,23 @@ def _set_path(tree: dict, dotted: str, value: Any, raw: str | None = None) -> No
         if (fields := _section(fields.get(part), lists=False)) is None:
             raise ConfigError(f"unknown config key {dotted}: {'.'.join(parents[:i + 1])} is not a config section")
         node[part] = node = dict(node[part]) if isinstance(node.get(part), dict) else {}
-    tp = fields.get(last)
-    quoted = raw is not None and raw.strip()[:1] in ("'", '"')  # YAML's own quoting: its string stands
-    if raw is not None and _is_text(tp) and not quoted and not (tp is not str and raw.strip() in ("null", "~")):
-        value = raw
+    tp, text = fields.get(last), None if raw is None else raw.strip()
+    quoted = text is not None and text[:1] in ("'", '"')  # YAML's own quoting: its string stands
+    if text is not None and _is_text(tp) and not quoted and not (tp is not str and text in _NULLS):
+        value = text
+    if isinstance(value, _Unparsed):
+        raise ConfigError(f"override {dotted}: cannot parse value {raw!r}: {value.error}")
     node[last] = value
+
+
+_NULLS = ("null", "Null", "NULL", "~")  # YAML's
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unparsed:
+    """A value YAML could not read: an error unless it goes to a string field, which takes the text as typed."""
+
+    error: str
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -113,7 +125,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         return key.strip(), (yaml.load(raw, Loader=_Loader) if raw else "")
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from exc
+        return key.strip(), _Unparsed(str(exc).replace("\n", " "))
 
 
 def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -157,8 +157,12 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def model_key(model_cfg) -> dict:
-    """What names a model's weights and text format (not where it runs or what a reward model reads of it)."""
-    return {k: getattr(model_cfg, k) for k in ("name", "gguf_file", "revision", "dtype", "chat_template")}
+    """What names a model's weights and text format (not where it runs or what a reward model reads of it), and
+    the version of how texts become its tokens (``sparserm.model.text.ENCODING_VERSION``)."""
+    from sparserm.model.text import ENCODING_VERSION
+
+    return {**{k: getattr(model_cfg, k) for k in ("name", "gguf_file", "revision", "dtype", "chat_template")},
+            "encoding": ENCODING_VERSION}
 
 
 class StaleArtifactError(ValueError):

@@ -22,9 +22,10 @@ def ensure_ray(address: str | None = None, log_to_driver: bool = True) -> None:
 
     if ray.is_initialized():
         return
-    # a cluster to join (the address, a Ray Client URI, RAY_ADDRESS or the `ray start` cluster of this machine)?
-    joins = address is not None and "://" in address or canonicalize_bootstrap_address(address) is not None
-    if joins:
+    # a cluster to join (the address, RAY_ADDRESS, the `ray start` cluster of this machine)? Any address given,
+    # here or in RAY_ADDRESS (a Ray Client URI too), is ray.init's to take or to refuse with its own message
+    given = address if address not in (None, "auto") else os.environ.get("RAY_ADDRESS") or None
+    if address != "local" and (given is not None or canonicalize_bootstrap_address(address) is not None):
         ray.init(address=address, include_dashboard=None, log_to_driver=log_to_driver)
         return
     with _workers_know_their_cluster():

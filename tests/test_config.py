@@ -30,6 +30,12 @@ def test_a_string_override_is_taken_as_typed_and_a_number_with_a_leading_zero_is
     cfg = load_config(None, ["align.rm_dir=runs/run #2/rm", "model.name=a: b", "align.generate.judge_model=#5"])
     assert (cfg.align.rm_dir, cfg.model.name, cfg.align.generate.judge_model) == ("runs/run #2/rm", "a: b", "#5")
     assert load_config(None, ["align.rm_dir=null"]).align.rm_dir is None  # a field that may be unset
+    assert load_config(None, ["align.rm_dir=NULL"]).align.rm_dir is None
+    # text YAML cannot read at all, and spaces around it (from a shell line)
+    assert load_config(None, ["model.name=@x"]).model.name == "@x"
+    assert load_config(None, ["model.name= gpt2 "]).model.name == "gpt2"
+    with pytest.raises(ConfigError, match="override model.layer: cannot parse value '@3'"):
+        load_config(None, ["model.layer=@3"])
     assert load_config(None, ["model.name='0.1 #x'"]).model.name == "0.1 #x"  # YAML's quotes: their string
     for override in ("model.layer=010", "reward.lr=1:30"):
         with pytest.raises(ConfigError, match=f"{override.split('=')[0]}='.*' \\(str\\) is invalid"):

@@ -254,7 +254,9 @@ def _train_loop(c: dict) -> dict:
     calls = [0]  # forwards of the trained model's weights during the steps (policy and any adapter-off reference)
     unwrap_causal_lm(engine).register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     micro_batches = 0
-    stopper = EarlyStopping(t.patience, lambda row: -row["val_loss"], history if val_idx else ())
+    # by val loss; a single pair, not split, has none: its latest epoch is the best
+    stopper = EarlyStopping(t.patience, (lambda row: -row["val_loss"]) if val_idx else (lambda row: row["epoch"]),
+                            history)
 
     def forward_loss(idx: list[int]):
         policy = pair_forward(engine, seqs, idx, tok.pad_token_id, device, objective.policy_needs, sae,
@@ -308,12 +310,11 @@ def _train_loop(c: dict) -> dict:
                        reference_copy=getattr(ref, "copy", None) is not None,
                        model_forwards_in_steps=calls[0], policy_micro_batches=micro_batches,
                        placement=placements[rank], placements=placements)
-        improved = not val_idx  # a single pair, not split: the latest epoch is the best
         if val_idx:  # after the step counts above: these forwards are not the steps'
             row.update(_validate(forward_loss, engine, val_idx, rank, world, micro, device))
-            improved = stopper.update(row)
-            if stopper.stop:
-                row["stopped_early_at"] = epoch
+        improved = stopper.update(row)
+        if stopper.stop:
+            row["stopped_early_at"] = epoch
         history.append(row)
 
         def write(folder: Path) -> None:  # on every rank: all ranks' files land in the same checkpoint folder

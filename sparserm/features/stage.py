@@ -46,9 +46,12 @@ def prepare_data(cfg: Config) -> PreparedData:
 
 
 def cache_key(cfg: Config, checksums: dict[str, str]) -> str:
+    from sparserm.model.text import ENCODING_VERSION
+
     m, f, d = cfg.model, cfg.features, cfg.data
     return stable_hash({
         "model": [m.name, m.gguf_file, m.revision, m.dtype, list(m.layers), m.pooling, m.max_tokens, m.chat_template],
+        "encoding": ENCODING_VERSION,
         # max_per_prompt joins the key only when set, so caches made before it existed stay valid
         "data": [[s.path, s.format, s.max_pairs, s.split, checksums[s.path]]
                  + ([s.max_per_prompt] if s.max_per_prompt else []) for s in d.sources],

@@ -13,6 +13,9 @@ import re
 from dataclasses import dataclass
 
 _TURN = re.compile(r"\n\n(Human|Assistant):")
+# in every key of what was computed from encoded texts (activation caches, reference log-probs, maps): 2 keeps the
+# text before an HH dialogue's first turn and a cut prompt's last token (1 dropped both)
+ENCODING_VERSION = 2
 
 
 def to_messages(prompt: str) -> list[dict]:

@@ -22,12 +22,24 @@ RETRIED_4XX = (408, 429)  # the answers of an overloaded service, not of a bad r
 MAX_RETRY_AFTER_S = 30.0  # the longest Retry-After a client waits out
 
 
+class _Busy(Exception):
+    """An overloaded service's answer (``RETRIED_4XX``): retried, after its Retry-After when it gives one."""
+
+    def __init__(self, error: ServeRequestError, retry_after_s: float):
+        super().__init__(error.message)
+        self.error, self.retry_after_s = error, retry_after_s
+
+
 def _retry(call: Callable[[], Any], retries: int, backoff_s: float) -> Any:
     for attempt in range(retries + 1):
         try:
             return call()
         except ServeRequestError:
             raise
+        except _Busy as busy:
+            if attempt == retries:
+                raise busy.error from None  # the service's own status and words
+            time.sleep(max(backoff_s * (2 ** attempt), busy.retry_after_s))
         except Exception:
             if attempt == retries:
                 raise
@@ -129,16 +141,17 @@ class HTTPRewardClient(_Base):
 
         def once():
             r = self._session().post(self.url + path, json=body, headers=headers, timeout=self.timeout_s)
-            if r.status_code in RETRIED_4XX:  # Serve's proxy: a request timeout, back-pressure
-                wait = r.headers.get("Retry-After", "")
-                time.sleep(min(float(wait), MAX_RETRY_AFTER_S) if wait.replace(".", "", 1).isdigit() else 0.0)
-                r.raise_for_status()
             if 400 <= r.status_code < 500:
                 try:
                     err = r.json()
                 except ValueError:
                     err = {"detail": r.text}
-                raise ServeRequestError(r.status_code, str(err.get("detail")), err.get("field"))
+                error = ServeRequestError(r.status_code, str(err.get("detail")), err.get("field"))
+                if r.status_code in RETRIED_4XX:  # Serve's proxy: a request timeout, back-pressure
+                    wait = r.headers.get("Retry-After", "")
+                    raise _Busy(error, min(float(wait), MAX_RETRY_AFTER_S) if wait.replace(".", "", 1).isdigit()
+                                else 0.0)
+                raise error
             r.raise_for_status()  # 5xx: retried
             return r.json()
 

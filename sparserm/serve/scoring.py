@@ -90,12 +90,12 @@ class Scorer:
     def strip_query(self, query: str) -> str:
         """``query`` without the leading and trailing special tokens :meth:`split_query` drops (OpenRLHF's
         decoded queries carry their padding: the text limits apply to what remains)."""
-        q = query
-        while self.leading and any(q.startswith(s) for s in self.leading):
-            q = q[len(next(s for s in self.leading if q.startswith(s))):]
-        while self.trailing and any(q.endswith(s) for s in self.trailing):
-            q = q[: -len(next(s for s in self.trailing if q.endswith(s)))]
-        return q
+        i, j = 0, len(query)  # positions, not slices: a query of 16k pads is not copied 16k times
+        while (s := next((s for s in self.leading or () if s and query.startswith(s, i, j)), None)) is not None:
+            i += len(s)
+        while (s := next((s for s in self.trailing or () if s and query.endswith(s, i, j)), None)) is not None:
+            j -= len(s)
+        return query[i:j]
 
     def split_query(self, query: str) -> tuple[str | None, str]:
         """(templated prompt text or None, response) per the rule in the module docstring."""

@@ -69,6 +69,7 @@ def test_wrapping_a_model_in_an_adapter_prints_no_warning(tiny_align_config):
     cfg = tiny_align_config()
     model, _ = load_causal_lm(cfg.model, cfg.run.cache_dir, torch.device("cpu"))
     with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # shown even if this process showed it before
         peft_model = LoraWeights().prepare(model, cfg.align.train, None, seed=0)
     assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
     assert any(p.requires_grad for p in peft_model.parameters())

@@ -181,6 +181,7 @@ def test_an_objective_registered_in_a_test_trains_with_no_change_to_the_trainer(
     assert h1["objective"] == "ipo_test" and h1["reference_kind"] == "sequence" and h1["reference_forwards"] == 1
     assert h1["n_pairs"] == 1 and h1["lr"] and len(h1["step_loss"]) == 1 and h1["policy_micro_batches"] == 2
     assert "val_loss" not in h1 and "stopped_early_at" not in h2 and Path(res["adapter"]).name == "best"
+    assert res["best_epoch"] == 2
     assert h1["loss"] == pytest.approx(1.0, abs=1e-4) and h1["u_abs_max_before_first_step"] < 1e-4
     assert h1["reward_margin"] == pytest.approx(0.0, abs=1e-4)  # mean h / beta
     # d loss / dh = 2 (h - 1) < 0 at h = 0: the step raised h (logged as reward_margin = mean h / beta)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
@@ -30,7 +31,7 @@ def _server(first_status: int, first_body: dict):
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(data)))
             if status == 429:
-                self.send_header("Retry-After", "0")
+                self.send_header("Retry-After", "0.3")
             self.end_headers()
             self.wfile.write(data)
 
@@ -44,10 +45,25 @@ def test_an_overloaded_service_is_retried(status):
     server, calls = _server(status, {"detail": "busy"})
     try:
         client = HTTPRewardClient(f"http://127.0.0.1:{server.server_port}", backoff_s=0.01)
+        t0 = time.monotonic()
         assert client.score(["p"], ["r"]) == [1.0]
+        waited = time.monotonic() - t0
     finally:
         server.shutdown()
     assert len(calls) == 2 and calls[0] == calls[1] == {"items": [{"prompt": "p", "response": "r"}]}
+    if status == 429:
+        assert waited >= 0.3  # its Retry-After, not the 0.01 s backoff
+
+
+def test_a_service_busy_past_the_retries_raises_its_own_answer():
+    server, calls = _server(429, {"detail": "queue full"})
+    try:
+        client = HTTPRewardClient(f"http://127.0.0.1:{server.server_port}", backoff_s=0.01, retries=0)
+        with pytest.raises(ServeRequestError) as info:
+            client.score(["p"], ["r"])
+    finally:
+        server.shutdown()
+    assert len(calls) == 1 and info.value.status == 429 and info.value.message == "queue full"
 
 
 def test_a_refused_request_is_raised_at_once_with_its_field():

@@ -128,8 +128,10 @@ def test_cli_and_config(tmp_path):
     opts = deployment_options(cfg)
     assert opts["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3} and "num_replicas" not in opts
     assert opts["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.0}  # per replica
-    # every section's keys pass through unprefixed (steer., tracking. were taken for serve.steer., ...)
-    assert load_serve_config(None, ["steer.alpha=0.5", "tracking.tensorboard=false", "fpo.train_pairs=8"]) == ServeConfig()
+    # another section's key is refused by name (steer.alpha was taken for serve.steer.alpha, "not a section")
+    for other in ("steer.alpha=0.5", "tracking.tensorboard=false", "model.layer=3"):
+        with pytest.raises(ConfigError, match=f"override {other}: a service takes serve.\\* settings"):
+            load_serve_config(None, [other])
     opts = deployment_options(load_serve_config(None, ["num_cpus=2", "serve.num_gpus=0.5", "replicas=3"]))
     assert opts["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 0.5} and opts["num_replicas"] == 3
     with pytest.raises(ConfigError, match=r"serve\.num_gpus=-1 is invalid"):  # a ServeConfig made in code
