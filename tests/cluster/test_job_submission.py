@@ -204,6 +204,7 @@ def test_the_runtime_env_installs_the_uploaded_project_into_the_jobs_own_virtual
     probe.write_text(PROBE)
     pairs = _write_pairs(tmp_path / "pairs.jsonl", 4)
     env = {**local_cluster.env(), "RAY_ADDRESS": local_cluster.dashboard_url,
+           "RUNTIME_ENV": "cluster/runtime_env.local.yaml",  # as the README's one-machine block exports it
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     script = f"{readme_submit()}\nsubmit --no-wait -- sh -c 'python {probe} && sparserm data check {pairs}'"
     out = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)

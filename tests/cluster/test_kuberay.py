@@ -400,3 +400,7 @@ def test_the_job_runtime_env_installs_the_uploaded_working_dir():
     env = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())
     assert env["working_dir"] == "." and env["pip"] == ["${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}"]
     assert env["env_vars"]["SPARSERM_CACHE"].startswith("/mnt/shared/")
+    # the one-machine file (the README's first cluster block): the same but for the shared cache
+    local = yaml.safe_load((ROOT / "cluster" / "runtime_env.local.yaml").read_text())
+    env["env_vars"].pop("SPARSERM_CACHE")
+    assert local == env
