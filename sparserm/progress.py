@@ -13,7 +13,9 @@ LOG_INTERVAL_S = 30.0
 
 
 def progress_bar(*args, **kwargs) -> tqdm:
-    """``tqdm(*args, **kwargs)``, with ``mininterval`` (unless given) from where stderr goes."""
+    """``tqdm(*args, **kwargs)``, with ``mininterval`` and ``maxinterval`` (unless given) from where stderr goes
+    (tqdm's monitor thread redraws a bar every ``maxinterval``, 10 s by default, whatever ``mininterval`` says)."""
     if not sys.stderr.isatty():
         kwargs.setdefault("mininterval", LOG_INTERVAL_S)
+        kwargs.setdefault("maxinterval", max(LOG_INTERVAL_S, kwargs["mininterval"]))
     return tqdm(*args, **kwargs)
