@@ -189,6 +189,7 @@ class MLflow:
     def __init__(self, spec: dict, first_step: int):
         from mlflow import MlflowClient
         from mlflow.entities import Param
+        from mlflow.exceptions import MlflowException
 
         from sparserm.manifest import stable_hash
 
@@ -200,7 +201,14 @@ class MLflow:
                 print(f"[tracking] warning: {note}", flush=True)
         self.client = c = MlflowClient(tracking_uri=uri)
         exp = c.get_experiment_by_name(name)
-        exp_id = exp.experiment_id if exp else c.create_experiment(name)
+        if exp is None:
+            try:
+                c.create_experiment(name)
+            except MlflowException:  # another run (a concurrent job) created it since: that one is ours too
+                if c.get_experiment_by_name(name) is None:
+                    raise
+            exp = c.get_experiment_by_name(name)
+        exp_id = exp.experiment_id
         key = stable_hash(spec["dir"])
         found = c.search_runs([exp_id], f"tags.`{self.KEY}` = '{key}'", max_results=1)
         if found:

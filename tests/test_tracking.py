@@ -98,3 +98,25 @@ def test_two_writers_in_one_second_keep_their_own_event_files(tmp_path, monkeypa
     assert len(files) == 2 and files[0].stat().st_mtime_ns <= files[1].stat().st_mtime_ns  # name order = open order
     losses = [3.0, 2.0, 1.0, 0.9, 0.8, 0.7]
     assert tensorboard_scalars(log_dir)["step/loss"] == [(i + 1, np.float32(v)) for i, v in enumerate(losses)]
+
+
+def test_an_experiment_another_run_creates_meanwhile_is_joined(tmp_path, monkeypatch):
+    # two runs on a fresh server: both found no experiment, the second create failed (RESOURCE_ALREADY_EXISTS)
+    from mlflow import MlflowClient
+
+    store = str(tmp_path / "mlflow")
+    spec = tracking_spec(TrackingConfig(mlflow_uri=store), tmp_path / "run" / "tensorboard", "test")
+    other = MlflowClient(tracking_uri=mlflow_store(store)).create_experiment("sparserm")  # the other run's
+    real, calls = MlflowClient.get_experiment_by_name, []
+
+    def first_lookup_misses(self, name):  # the lookup that ran before the other run's create
+        calls.append(name)
+        return None if len(calls) == 1 else real(self, name)
+
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", first_lookup_misses)
+    with Tracker(spec) as tracker:
+        tracker.log({"loss": 1.0}, step=1)
+    monkeypatch.undo()
+    client = MlflowClient(tracking_uri=mlflow_store(store))
+    (run,) = client.search_runs([other])
+    assert run.data.metrics == {"loss": 1.0}
