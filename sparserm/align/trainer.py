@@ -59,6 +59,7 @@ import torch
 
 from sparserm.align.objectives import get_objective
 from sparserm.align.pair_forward import pair_forward, tokenize_pairs, unwrap_causal_lm, use_full_logits
+from sparserm.align.validation import validate
 from sparserm.config import AlignConfig, Config, TrainConfig, to_dict
 from sparserm.manifest import model_key, stable_hash
 from sparserm.tracking import Tracker, tracking_spec
@@ -142,23 +143,6 @@ def _without_shm_comm() -> None:
 
 
 WHAT = "a DPO run"
-
-
-def _validate(forward_loss, engine, val_idx: list[int], rank: int, world: int, micro: int, device) -> dict:
-    """The objective's loss and reward accuracy on the held-out pairs, sharded over the ranks. Every rank takes
-    as many (repeats past the end count zero), so all run the same forwards (ZeRO-3 gathers collectively)."""
-    engine.eval()
-    n = len(val_idx)
-    pos = list(range(rank, -(-n // world) * world, world))
-    sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, count
-    with torch.no_grad():
-        for b in range(0, len(pos), micro):
-            keep = torch.tensor([float(j < n) for j in pos[b: b + micro]], dtype=torch.float64)
-            losses, u = forward_loss([val_idx[j % n] for j in pos[b: b + micro]])
-            sums += torch.stack([(losses.double().cpu() * keep).sum(), ((u > 0).double().cpu() * keep).sum(),
-                                 keep.sum()])
-    sums = all_reduced(sums, device, world)
-    return {"val_loss": float(sums[0] / sums[2]), "val_reward_accuracy": float(sums[1] / sums[2]), "n_val": n}
 
 
 def _train_loop(c: dict) -> dict:
@@ -311,7 +295,7 @@ def _train_loop(c: dict) -> dict:
                        model_forwards_in_steps=calls[0], policy_micro_batches=micro_batches,
                        placement=placements[rank], placements=placements)
         if val_idx:  # after the step counts above: these forwards are not the steps'
-            row.update(_validate(forward_loss, engine, val_idx, rank, world, micro, device))
+            row.update(validate(forward_loss, engine, val_idx, rank, world, micro, device))
         improved = stopper.update(row)
         if stopper.stop:
             row["stopped_early_at"] = epoch
